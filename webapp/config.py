@@ -1,0 +1,152 @@
+"""Configuration: the only module that reads the environment.
+
+Every setting has a default that runs the service locally (SQLite under
+``instance/``, Redis on 127.0.0.1:6379, the model in ``models/current``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+INSTANCE_DIR = PROJECT_ROOT / "instance"
+
+# Every environment variable this project reads, with its meaning. The compose
+# file test checks docker-compose.yml against this list.
+ENV_VARS: dict[str, str] = {
+    "DATABASE_URL": "SQLAlchemy URL; default sqlite:///instance/covidcxr.db",
+    "REDIS_URL": "Celery broker (Redis) URL; default redis://127.0.0.1:6379/0",
+    "MODEL_DIR": "model artifact directory served by workers; default models/current",
+    "SECRET_KEY": "Flask session/CSRF key; default: random per instance/secret_key file",
+    "CELERY_QUEUE": "queue the studies are sent to; default studies",
+    "MAX_UPLOAD_MB": "largest request body in MiB; default 64",
+    "MAX_IMAGE_MB": "largest single image file in MiB; default 32",
+    "MAX_IMAGE_PIXELS": "largest decoded image in pixels; default 60000000",
+    "MAX_FILES_PER_STUDY": "most images in one study; default 16",
+    "TASK_SOFT_TIME_LIMIT": "seconds before a study task is interrupted; default 300",
+    "TASK_MAX_ATTEMPTS": "deliveries of one study before it FAILS; default 3",
+    "STALE_AFTER_S": "seconds a QUEUED/RUNNING study may sit before the sweeper re-enqueues it; default 600",
+    "SWEEP_INTERVAL_S": "seconds between sweeper runs (celery beat); default 60",
+    "GRADCAM": "compute a Grad-CAM heatmap per image (1/0); default 1",
+    "LOG_LEVEL": "logging level; default INFO",
+    "PORT": "port of the local web server started by `make run`; default 5000",
+    "WEB_CONCURRENCY": "gunicorn worker processes (docker compose); default 2",
+    "WORKER_CONCURRENCY": "celery worker processes per worker container; default 1",
+}
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _secret_key(env: dict[str, str]) -> str:
+    """Read SECRET_KEY, or keep a random one in instance/ so restarts keep sessions."""
+    if env.get("SECRET_KEY"):
+        return env["SECRET_KEY"]
+    path = INSTANCE_DIR / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        INSTANCE_DIR.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_hex(32)
+        path.write_text(key)
+        path.chmod(0o600)
+        return key
+
+
+@dataclass
+class Settings:
+    """Typed settings; ``to_flask()`` gives the Flask config mapping."""
+
+    database_url: str
+    redis_url: str
+    model_dir: Path
+    secret_key: str
+    celery_queue: str = "studies"
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 60_000_000
+    max_files_per_study: int = 16
+    task_soft_time_limit: int = 300
+    task_max_attempts: int = 3
+    stale_after_s: int = 600
+    sweep_interval_s: int = 60
+    gradcam: bool = True
+    log_level: str = "INFO"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        """Build settings from the environment (or a given mapping)."""
+        env = dict(os.environ if env is None else env)
+        default_db = f"sqlite:///{INSTANCE_DIR / 'covidcxr.db'}"
+        model_dir = Path(env.get("MODEL_DIR") or "models/current")
+        if not model_dir.is_absolute():
+            model_dir = PROJECT_ROOT / model_dir
+        return cls(
+            database_url=env.get("DATABASE_URL") or default_db,
+            redis_url=env.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
+            model_dir=model_dir,
+            secret_key=_secret_key(env),
+            celery_queue=env.get("CELERY_QUEUE") or "studies",
+            max_upload_bytes=_int(env, "MAX_UPLOAD_MB", 64) * 1024 * 1024,
+            max_image_bytes=_int(env, "MAX_IMAGE_MB", 32) * 1024 * 1024,
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 60_000_000),
+            max_files_per_study=_int(env, "MAX_FILES_PER_STUDY", 16),
+            task_soft_time_limit=_int(env, "TASK_SOFT_TIME_LIMIT", 300),
+            task_max_attempts=_int(env, "TASK_MAX_ATTEMPTS", 3),
+            stale_after_s=_int(env, "STALE_AFTER_S", 600),
+            sweep_interval_s=_int(env, "SWEEP_INTERVAL_S", 60),
+            gradcam=env.get("GRADCAM", "1") not in ("0", "false", "no"),
+            log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
+        )
+
+    def to_flask(self) -> dict[str, Any]:
+        """Flask config keys, Celery's included (the celery_init_app pattern)."""
+        return {
+            "SECRET_KEY": self.secret_key,
+            "SQLALCHEMY_DATABASE_URI": self.database_url,
+            "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+            "MAX_CONTENT_LENGTH": self.max_upload_bytes,
+            "MAX_IMAGE_BYTES": self.max_image_bytes,
+            "MAX_IMAGE_PIXELS": self.max_image_pixels,
+            "MAX_FILES_PER_STUDY": self.max_files_per_study,
+            "MODEL_DIR": str(self.model_dir),
+            "TASK_MAX_ATTEMPTS": self.task_max_attempts,
+            "STALE_AFTER_S": self.stale_after_s,
+            "GRADCAM": self.gradcam,
+            "LOG_LEVEL": self.log_level,
+            "CELERY": {
+                "broker_url": self.redis_url,
+                "task_ignore_result": True,
+                "task_acks_late": True,
+                "task_reject_on_worker_lost": True,
+                "worker_prefetch_multiplier": 1,
+                "task_soft_time_limit": self.task_soft_time_limit,
+                "task_time_limit": self.task_soft_time_limit + 30,
+                "task_default_queue": self.celery_queue,
+                "broker_connection_retry_on_startup": True,
+                # A lost worker must not hide a study for an hour: redeliver
+                # unacked messages after the longest a task may run.
+                "broker_transport_options": {
+                    "visibility_timeout": self.task_soft_time_limit + 60,
+                },
+                "worker_send_task_events": True,
+                "beat_schedule": {
+                    "requeue-stale-studies": {
+                        "task": "worker.tasks.requeue_stale_studies",
+                        "schedule": float(self.sweep_interval_s),
+                    },
+                },
+            },
+        }

@@ -1,0 +1,1 @@
+"""Image bytes: originals, browser previews and Grad-CAM heatmaps."""

@@ -1,0 +1,122 @@
+"""Turn an upload (files + optional references) into a stored, queued study, or a clear error."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flask import current_app
+from werkzeug.datastructures import FileStorage
+from werkzeug.utils import secure_filename
+
+from ml.imaging import DecodedImage, ImageError, Limits, decode_image
+from webapp import jobs
+from webapp.broker import enqueue_study
+from webapp.extensions import db
+from webapp.models import Image, Study
+
+log = logging.getLogger(__name__)
+
+# HTTP status for each intake error code; anything not listed is 422.
+IMAGE_ERROR_STATUS = {
+    "unsupported_format": 415,
+    "too_large_bytes": 413,
+    "too_many_pixels": 413,
+}
+REFERENCE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._/\-]{0,63}$")
+
+
+class UploadError(Exception):
+    """A rejected upload: HTTP status, machine code and a message for people."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Checked:
+    filename: str
+    data: bytes
+    image: DecodedImage
+
+
+def _clean_reference(value: str | None, field: str) -> str | None:
+    value = (value or "").strip()
+    if not value:
+        return None
+    if not REFERENCE_PATTERN.match(value):
+        raise UploadError(
+            422,
+            f"invalid_{field}",
+            f"{field} must be 1-64 letters, digits, spaces or . _ / - characters",
+        )
+    return value
+
+
+def _display_name(upload: FileStorage, position: int) -> str:
+    # The name is only shown back to the user; it never becomes a path.
+    name = secure_filename(upload.filename or "")[:200]
+    return name or f"image-{position + 1}"
+
+
+def _check_file(upload: FileStorage, position: int, limits: Limits) -> _Checked:
+    name = _display_name(upload, position)
+    data = upload.read(limits.max_bytes + 1)
+    try:
+        image = decode_image(data, limits)
+    except ImageError as exc:
+        status = IMAGE_ERROR_STATUS.get(exc.code, 422)
+        raise UploadError(status, exc.code, f"{name}: {exc.message}") from exc
+    return _Checked(name, data, image)
+
+
+def create_study(
+    files: Sequence[FileStorage],
+    patient_ref: str | None = None,
+    accession: str | None = None,
+    owner_id: int | None = None,
+) -> Study:
+    """Validate every file, then store the study and its images and enqueue it; all or nothing."""
+    # Browsers send one empty, unnamed part for an untouched file input.
+    files = [f for f in files if f is not None and f.filename]
+    if not files:
+        raise UploadError(400, "no_files", "attach at least one image in the 'files' field")
+    max_files = current_app.config["MAX_FILES_PER_STUDY"]
+    if len(files) > max_files:
+        raise UploadError(400, "too_many_files", f"a study holds at most {max_files} images")
+    patient_ref = _clean_reference(patient_ref, "patient_ref")
+    accession = _clean_reference(accession, "accession")
+    limits = Limits(
+        max_bytes=current_app.config["MAX_IMAGE_BYTES"],
+        max_pixels=current_app.config["MAX_IMAGE_PIXELS"],
+    )
+    checked = [_check_file(upload, i, limits) for i, upload in enumerate(files)]
+
+    study = Study(owner_id=owner_id, patient_ref=patient_ref, accession=accession)
+    jobs.start_queued(study)
+    for position, item in enumerate(checked):
+        study.images.append(
+            Image(
+                position=position,
+                filename=item.filename,
+                media_type=item.image.media_type,
+                size_bytes=len(item.data),
+                sha256=hashlib.sha256(item.data).hexdigest(),
+                width=item.image.width,
+                height=item.image.height,
+                bit_depth=item.image.bit_depth,
+                attributes=item.image.attributes,
+                data=item.data,
+            )
+        )
+    db.session.add(study)
+    db.session.commit()
+    log.info("event=study_created study=%s images=%d", study.id, len(checked))
+    enqueue_study(study.id)
+    return study

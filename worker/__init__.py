@@ -1,0 +1,1 @@
+"""Celery worker: runs the shared ml/ predictor on queued studies."""

@@ -1,0 +1,116 @@
+"""One study through the model: claim, decode, predict, write; short DB sessions throughout."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from celery.exceptions import SoftTimeLimitExceeded
+from flask import current_app
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
+
+from ml.artifact import ArtifactError
+from ml.imaging import ImageError, Limits, decode_image
+from webapp import jobs
+from webapp.extensions import db
+from webapp.models import Image, Prediction
+from worker.model_cache import get_predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    image_id: int
+    filename: str
+    data: bytes
+
+
+def _load_images(study_id: str) -> list[_Loaded]:
+    rows = db.session.execute(
+        select(Image.id, Image.filename, Image.data)
+        .where(Image.study_id == study_id)
+        .order_by(Image.position)
+    ).all()
+    db.session.remove()
+    return [_Loaded(*row) for row in rows]
+
+
+def _fail(token: jobs.Claim, code: str, message: str) -> str:
+    jobs.fail(db.session, token, code, message)
+    db.session.remove()
+    log.info("event=study_failed study=%s code=%s", token.study_id, code)
+    return "failed"
+
+
+def run_study(study_id: str) -> str:
+    """Process one study; returns what happened ('succeeded', 'failed', 'skipped', 'stale')."""
+    config = current_app.config
+    token = jobs.claim(db.session, study_id, config["TASK_MAX_ATTEMPTS"])
+    db.session.remove()
+    if token is None:
+        log.info("event=study_skipped study=%s", study_id)
+        return "skipped"
+    started = time.perf_counter()
+    try:
+        images = _load_images(study_id)
+        if not images:
+            return _fail(token, "no_images", "the study has no images")
+        limits = Limits(max_bytes=max(len(i.data) for i in images) + 1,
+                        max_pixels=config["MAX_IMAGE_PIXELS"])
+        pixels = []
+        for item in images:
+            try:
+                pixels.append(decode_image(item.data, limits).pixels)
+            except ImageError as exc:
+                return _fail(token, exc.code, f"{item.filename}: {exc.message}")
+        try:
+            predictor = get_predictor(config["MODEL_DIR"])
+        except ArtifactError as exc:
+            message = "no model installed" if exc.code == "no_model" else exc.message
+            return _fail(token, exc.code, message)
+        results = predictor.predict(pixels, explain=config["GRADCAM"])
+        rows = [
+            Prediction(
+                image_id=item.image_id,
+                probability_covid=r.probability_covid,
+                label=r.label,
+                threshold=r.threshold,
+                model_version=r.model_version,
+                model_sha256=r.model_sha256,
+                model_trained=r.trained,
+                preprocess_version=r.preprocess_version,
+                inference_ms=r.inference_ms,
+                heatmap_png=r.heatmap_png,
+            )
+            for item, r in zip(images, results, strict=True)
+        ]
+        won = jobs.finish(db.session, token, rows)
+        db.session.remove()
+    except SoftTimeLimitExceeded:
+        return _fail(token, "timeout", "processing took longer than the time limit")
+    except DBAPIError:
+        db.session.remove()
+        raise  # transient: the task retries and claims again
+    except Exception as exc:  # a bug or a broken model must not leave the study hanging
+        log.exception("event=study_error study=%s", study_id)
+        db.session.remove()
+        return _fail(token, "internal_error", f"unexpected error while processing ({type(exc).__name__})")
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    log.info("event=study_done study=%s images=%d ms=%.0f won=%s", study_id, len(rows), elapsed_ms, won)
+    return "succeeded" if won else "stale"
+
+
+def requeue_stale(send: Callable[[str], object]) -> int:
+    """Re-enqueue studies past the deadline; the database says which, the broker is only told."""
+    stale = jobs.stale_studies(db.session, current_app.config["STALE_AFTER_S"])
+    for study_id in stale:
+        if not jobs.requeue(db.session, study_id):
+            jobs.touch_queued(db.session, study_id)
+        send(study_id)
+        log.warning("event=study_requeued study=%s", study_id)
+    db.session.remove()
+    return len(stale)
