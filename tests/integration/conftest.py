@@ -1,0 +1,131 @@
+"""A real stack per test: migrations, a Celery worker process and gunicorn, on Redis and SQL."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import REPO, TEST_REDIS_URL
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Stack:
+    """Handles on a running service."""
+
+    base_url: str
+    worker: subprocess.Popen
+    web: subprocess.Popen
+    env: dict[str, str]
+    log_dir: Path
+
+    def upload(self, *files: tuple[str, bytes], **form: str) -> dict:
+        response = requests.post(
+            f"{self.base_url}/api/v1/studies",
+            files=[("files", (name, content)) for name, content in files],
+            data=form,
+            timeout=30,
+        )
+        assert response.status_code == 202, response.text
+        return response.json()
+
+    def wait(self, study_id: str, timeout: float = 180.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = requests.get(f"{self.base_url}/api/v1/studies/{study_id}", timeout=10).json()
+            if body["done"]:
+                return body
+            time.sleep(0.1)
+        raise AssertionError(f"study {study_id} not done after {timeout}s; worker log:\n"
+                             + (self.log_dir / "worker.log").read_text()[-4000:])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> subprocess.Popen:
+    """A real `celery worker` process on the test queue."""
+    log = open(log_dir / f"{name}.log", "ab")
+    return subprocess.Popen(
+        [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "--loglevel=INFO",
+         "--concurrency=1", f"--queues={env['CELERY_QUEUE']}",
+         f"--hostname={name}-{uuid.uuid4().hex[:6]}@%h", "--without-gossip", "--without-mingle"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate politely, then kill."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def build_env(database_url: str, model_dir: Path, queue: str) -> dict[str, str]:
+    """The environment a deployment would set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV"))}
+    env.update({
+        "DATABASE_URL": database_url,
+        "REDIS_URL": TEST_REDIS_URL,
+        "MODEL_DIR": str(model_dir),
+        "CELERY_QUEUE": queue,
+        "SECRET_KEY": "integration-test",
+        "PYTHONUNBUFFERED": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    })
+    return env
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path, queue_name: str) -> Iterator:
+    """Start a stack on a given database and model directory."""
+    procs: list[subprocess.Popen] = []
+
+    def start(database_url: str, model_dir: Path) -> Stack:
+        env = build_env(database_url, model_dir, queue_name)
+        subprocess.run([str(BIN / "flask"), "--app", "webapp:create_app", "db", "upgrade"],
+                       cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
+        worker = start_worker(env, tmp_path)
+        port = _free_port()
+        web = subprocess.Popen(
+            [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
+             "webapp:create_app()"],
+            cwd=REPO, env=env, stdout=open(tmp_path / "web.log", "ab"), stderr=subprocess.STDOUT,
+        )
+        procs.extend([worker, web])
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{base}/healthz", timeout=10).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("web server did not start:\n" + (tmp_path / "web.log").read_text())
+        return Stack(base, worker, web, env, tmp_path)
+
+    yield start
+    for proc in procs:
+        stop(proc)
+    import redis
+
+    redis.Redis.from_url(TEST_REDIS_URL).delete(queue_name)
