@@ -1,0 +1,1 @@
+"""Framework-free machine learning code: imaging, preprocessing, model, predictor, Grad-CAM."""

@@ -1,0 +1,92 @@
+"""ResNet50 COVID-19 classifier builder and the `--init` CLI for an untrained dev artifact."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Must happen before TensorFlow is first imported; setdefault keeps an explicit choice.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+from ml.artifact import METADATA_FILE, ModelMetadata, write_artifact  # noqa: E402
+
+LAST_CONV_LAYER = "conv5_block3_out"
+OUTPUT_LAYER = "covid_probability"
+
+
+def build_resnet50(
+    input_size: int = 224,
+    weights: str | None = None,
+    dropout: float = 0.3,
+    seed: int | None = None,
+) -> keras.Model:
+    """Build ResNet50 (no top, average pooling) -> Dropout -> Dense(1, sigmoid)."""
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {weights}")
+    if seed is not None:
+        # Keras 3 draws initializer seeds from the global RNGs; this also reseeds numpy/python/TF.
+        keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(input_size, input_size, 3), name="image")
+    # input_tensor= puts every backbone layer in the outer graph (no nested Model), so
+    # Grad-CAM can reach conv5_block3_out with a plain model.get_layer(...).
+    backbone = keras.applications.ResNet50(
+        include_top=False,
+        weights=weights,  # "imagenet" downloads unless cached; a path is loaded by Keras.
+        input_tensor=inputs,
+        pooling="avg",
+    )
+    x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(backbone.output)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_LAYER)(x)
+    return keras.Model(inputs, outputs, name="covid_resnet50")
+
+
+def architecture(input_size: int, dropout: float = 0.3) -> dict:
+    """Return the architecture dict stored in artifact metadata (build_resnet50 kwargs + name)."""
+    return {"name": "resnet50", "input_size": input_size, "dropout": dropout}
+
+
+def init_artifact(model_dir: str | Path, input_size: int = 224, seed: int = 0) -> ModelMetadata:
+    """Write an UNTRAINED (random weights) development artifact to model_dir."""
+    arch = architecture(input_size)
+    model = build_resnet50(input_size=input_size, dropout=arch["dropout"], seed=seed)
+    return write_artifact(
+        model_dir,
+        model.get_weights(),
+        model_version="resnet50-untrained-{sha8}",
+        architecture=arch,
+        trained=False,
+        threshold=0.5,
+        training_data={"note": "untrained development model, random weights", "seed": seed},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: `python -m ml.model --init models/dev`."""
+    parser = argparse.ArgumentParser(prog="python -m ml.model", description=__doc__)
+    parser.add_argument(
+        "--init", metavar="MODEL_DIR", required=True, help="write an untrained dev artifact here"
+    )
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="overwrite an existing artifact")
+    args = parser.parse_args(argv)
+    if args.input_size < 32:
+        parser.error("--input-size must be at least 32 (ResNet50 minimum)")
+    if (Path(args.init) / METADATA_FILE).exists() and not args.force:
+        # Guard against replacing a trained model with random weights by a stray command.
+        parser.error(f"{args.init} already holds a model artifact; pass --force to overwrite")
+    meta = init_artifact(args.init, input_size=args.input_size, seed=args.seed)
+    print(f"wrote model artifact to {Path(args.init).resolve()}")
+    print(
+        f"model_version={meta.model_version} input_size={meta.input_size} sha256={meta.weights_sha256}"
+    )
+    print("UNTRAINED: random weights, predictions are meaningless. Development use only.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

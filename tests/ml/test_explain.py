@@ -1,0 +1,92 @@
+"""Tests for Grad-CAM heatmaps and their PNG overlay."""
+
+import io
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml.explain import grad_cam, overlay_png
+from ml.model import build_resnet50
+from ml.preprocess import preprocess_batch
+
+SIZE = 96  # conv5_block3_out is 3x3 here; at 32 it would be a single, uninformative cell
+
+
+@pytest.fixture(scope="module")
+def model() -> keras.Model:
+    return build_resnet50(input_size=SIZE, seed=1)
+
+
+def _batch(*seeds: int) -> np.ndarray:
+    images = [np.random.default_rng(seed).random((128, 100), dtype=np.float32) for seed in seeds]
+    return preprocess_batch(images, size=SIZE)
+
+
+def test_heatmap_shape_and_range(model: keras.Model) -> None:
+    heatmaps = grad_cam(model, _batch(1, 2))
+    assert heatmaps.shape == (2, 3, 3) and heatmaps.dtype == np.float32
+    assert np.isfinite(heatmaps).all()
+    assert heatmaps.min() >= 0.0 and heatmaps.max() <= 1.0
+    # Normalised per image: each non-empty map peaks at exactly 1.
+    for heatmap in heatmaps:
+        assert heatmap.max() in (0.0, 1.0)
+
+
+def test_heatmap_depends_on_the_image(model: keras.Model) -> None:
+    first, second = grad_cam(model, _batch(1, 2))
+    assert not np.allclose(first, second)
+    # And it is per image: the same image gives the same map alone or in a batch.
+    np.testing.assert_allclose(grad_cam(model, _batch(1))[0], first, atol=1e-4)
+
+
+def test_no_gradient_gives_zeros_not_nan(model: keras.Model) -> None:
+    head = model.get_layer("covid_probability")
+    saved = head.get_weights()
+    head.set_weights([np.zeros_like(w) for w in saved])
+    try:
+        heatmaps = grad_cam(model, _batch(3))
+    finally:
+        head.set_weights(saved)
+    np.testing.assert_array_equal(heatmaps, np.zeros_like(heatmaps))
+
+
+def test_unknown_layer_is_an_error(model: keras.Model) -> None:
+    with pytest.raises(ValueError):
+        grad_cam(model, _batch(1), layer_name="no_such_layer")
+
+
+def _decode(png: bytes) -> Image.Image:
+    assert png.startswith(b"\x89PNG")
+    return Image.open(io.BytesIO(png))
+
+
+def test_overlay_keeps_small_images_at_their_size() -> None:
+    pixels = np.random.default_rng(0).random((300, 200), dtype=np.float32)
+    image = _decode(overlay_png(pixels, np.eye(3, dtype=np.float32)))
+    assert image.mode == "RGB" and image.size == (200, 300)
+
+
+def test_overlay_shrinks_large_images_to_max_side() -> None:
+    pixels = np.zeros((1024, 800), dtype=np.float32)
+    assert _decode(overlay_png(pixels, np.ones((7, 7), np.float32))).size == (400, 512)
+    assert _decode(overlay_png(pixels, np.ones((7, 7), np.float32), max_side=256)).size == (
+        200,
+        256,
+    )
+
+
+def test_overlay_blends_heatmap_colours() -> None:
+    pixels = np.full((64, 64), 0.5, dtype=np.float32)
+    plain = np.asarray(_decode(overlay_png(pixels, np.zeros((2, 2), np.float32), alpha=0.0)))
+    np.testing.assert_array_equal(plain, np.full((64, 64, 3), 128, np.uint8))
+    hot = np.asarray(_decode(overlay_png(pixels, np.ones((2, 2), np.float32), alpha=0.4)))
+    cold = np.asarray(_decode(overlay_png(pixels, np.zeros((2, 2), np.float32), alpha=0.4)))
+    # "jet": high values are red, low values are blue.
+    assert hot[..., 0].mean() > hot[..., 2].mean() and cold[..., 2].mean() > cold[..., 0].mean()
+
+
+def test_overlay_rejects_non_2d() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        overlay_png(np.zeros((8, 8, 3), np.float32), np.zeros((2, 2), np.float32))

@@ -1,0 +1,49 @@
+"""The web process imports parts of ml/ and must never pull in TensorFlow or a web framework."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FRAMEWORKS = ["flask", "celery", "sqlalchemy"]
+ML_FRAMEWORKS = ["tensorflow", "keras"]
+
+
+def _loaded_after_import(modules: list[str]) -> set[str]:
+    """Import modules in a fresh interpreter and return the top-level packages it then holds."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _web_side_modules() -> list[str]:
+    modules = ["ml", "ml.preprocess", "ml.artifact", "ml.predictor"]
+    # ml.imaging is written separately; check it too once it exists.
+    if importlib.util.find_spec("ml.imaging") is not None:
+        modules.append("ml.imaging")
+    return modules
+
+
+def test_web_side_modules_do_not_load_tensorflow_or_frameworks() -> None:
+    loaded = _loaded_after_import(_web_side_modules())
+    assert loaded.isdisjoint(ML_FRAMEWORKS + FRAMEWORKS), loaded & set(ML_FRAMEWORKS + FRAMEWORKS)
+
+
+def test_model_modules_do_not_load_web_frameworks() -> None:
+    loaded = _loaded_after_import(["ml.model", "ml.predictor", "ml.explain"])
+    assert "tensorflow" in loaded or "keras" in loaded  # the check below is not vacuous
+    assert loaded.isdisjoint(FRAMEWORKS), loaded & set(FRAMEWORKS)
