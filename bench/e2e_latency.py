@@ -77,9 +77,10 @@ def main() -> None:
         warm_p95 = statistics.quantiles(warm, n=20)[-1] if len(warm) >= 2 else warm_p50
         infer_p50 = statistics.median(inference[1:])
         line = (f"| {datetime.now(UTC):%Y-%m-%d} | e2e_latency, {args.n} real X-rays one at a time, "
-                f"1 CPU worker, SQLite, model `{Path(args.model_dir).name}` | cold {cold:.2f} s | "
-                f"warm p50 {warm_p50:.3f} s, p95 {warm_p95:.3f} s | model inference p50 {infer_p50:.3f} s "
-                f"(+Grad-CAM) | overhead p50 {warm_p50 - infer_p50:.3f} s |")
+                f"1 CPU worker, SQLite, model `{Path(args.model_dir).name}` | first study right after start "
+                f"{cold:.2f} s | warm upload-to-result p50 {warm_p50:.3f} s, p95 {warm_p95:.3f} s | "
+                f"forward pass p50 {infer_p50:.3f} s | rest (decode, Grad-CAM, DB, queue, polling) "
+                f"p50 {warm_p50 - infer_p50:.3f} s |")
         print(line)
         with open(ROOT / "docs" / "benchmarks.md", "a") as f:
             f.write(f"\n`{' '.join([Path(sys.executable).name, *sys.argv])}`\n\n{line}\n")

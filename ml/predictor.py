@@ -47,6 +47,7 @@ class Predictor:
         self.metadata = metadata
         self.model = model
         self._forward = forward
+        self._grad_cam: Callable[[np.ndarray], np.ndarray] | None = None
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Predictor:
@@ -80,6 +81,10 @@ class Predictor:
         forward(tf.zeros([1, size, size, 3], tf.float32))
         return cls(meta, model, lambda batch: forward(tf.convert_to_tensor(batch)).numpy())
 
+    def warm_up(self, explain: bool = True) -> None:
+        """Run one dummy image through every path a request will take, so none pays for tracing."""
+        self.predict([np.zeros((64, 64), dtype=np.float32)], explain=explain)
+
     def predict(self, images: Sequence[np.ndarray], explain: bool = False) -> list[Prediction]:
         """Classify 2-D [0, 1] images of any size; explain=True adds a Grad-CAM overlay PNG."""
         if len(images) == 0:
@@ -92,9 +97,11 @@ class Predictor:
 
         overlays: list[bytes | None] = [None] * len(images)
         if explain:
-            from ml.explain import grad_cam, overlay_png
+            from ml.explain import make_grad_cam, overlay_png
 
-            heatmaps = grad_cam(self.model, batch)
+            if self._grad_cam is None:
+                self._grad_cam = make_grad_cam(self.model)
+            heatmaps = self._grad_cam(batch)
             overlays = [
                 overlay_png(image, heatmap) for image, heatmap in zip(images, heatmaps, strict=True)
             ]

@@ -29,6 +29,6 @@ def _after_fork(**_: object) -> None:
     # Load the model now, in the child (never before the fork), so the first
     # study does not pay for it. No model is not fatal: studies fail with a reason.
     try:
-        get_predictor(flask_app.config["MODEL_DIR"])
+        get_predictor(flask_app.config["MODEL_DIR"]).warm_up(explain=flask_app.config["GRADCAM"])
     except ArtifactError as exc:
         log.warning("event=model_unavailable code=%s message=%s", exc.code, exc.message)
