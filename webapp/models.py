@@ -100,6 +100,7 @@ class Prediction(db.Model):
     model_trained: Mapped[bool] = mapped_column(Boolean)
     preprocess_version: Mapped[str] = mapped_column(String(16))
     inference_ms: Mapped[float] = mapped_column(Float)
+    backend: Mapped[str] = mapped_column(String(16), server_default="keras")
     heatmap_png: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
