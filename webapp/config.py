@@ -32,6 +32,10 @@ ENV_VARS: dict[str, str] = {
     "STALE_AFTER_S": "seconds a QUEUED/RUNNING study may sit before the sweeper re-enqueues it; default 600",
     "SWEEP_INTERVAL_S": "seconds between sweeper runs (celery beat); default 60",
     "GRADCAM": "compute a Grad-CAM heatmap per image (1/0); default 1",
+    "INFERENCE_BACKEND": "auto | onnx | keras; auto = ONNX Runtime when the artifact has an ONNX export and no GPU is visible, else Keras; default auto",
+    "BATCH_MAX_SIZE": "most images one worker process runs through the model at once; default 16",
+    "BATCH_MAX_WAIT_MS": "longest a ready image waits for others already being decoded; default 15",
+    "VISIBILITY_TIMEOUT_S": "seconds before Redis redelivers a message whose worker vanished; default TASK_SOFT_TIME_LIMIT + 60",
     "LOG_LEVEL": "logging level; default INFO",
     "PORT": "port of the local web server started by `make run`; default 5000",
     "WEB_CONCURRENCY": "gunicorn worker processes (docker compose); default 2",
@@ -47,6 +51,13 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _choice(env: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = (env.get(name) or default).lower()
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 def _secret_key(env: dict[str, str]) -> str:
@@ -82,6 +93,10 @@ class Settings:
     stale_after_s: int = 600
     sweep_interval_s: int = 60
     gradcam: bool = True
+    inference_backend: str = "auto"
+    batch_max_size: int = 16
+    batch_max_wait_ms: int = 15
+    visibility_timeout_s: int = 360
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -108,6 +123,12 @@ class Settings:
             stale_after_s=_int(env, "STALE_AFTER_S", 600),
             sweep_interval_s=_int(env, "SWEEP_INTERVAL_S", 60),
             gradcam=env.get("GRADCAM", "1") not in ("0", "false", "no"),
+            inference_backend=_choice(env, "INFERENCE_BACKEND", ("auto", "onnx", "keras"), "auto"),
+            batch_max_size=_int(env, "BATCH_MAX_SIZE", 16),
+            batch_max_wait_ms=_int(env, "BATCH_MAX_WAIT_MS", 15),
+            visibility_timeout_s=_int(
+                env, "VISIBILITY_TIMEOUT_S", _int(env, "TASK_SOFT_TIME_LIMIT", 300) + 60
+            ),
             log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
         )
 
@@ -125,6 +146,9 @@ class Settings:
             "TASK_MAX_ATTEMPTS": self.task_max_attempts,
             "STALE_AFTER_S": self.stale_after_s,
             "GRADCAM": self.gradcam,
+            "INFERENCE_BACKEND": self.inference_backend,
+            "BATCH_MAX_SIZE": self.batch_max_size,
+            "BATCH_MAX_WAIT_MS": self.batch_max_wait_ms,
             "LOG_LEVEL": self.log_level,
             "CELERY": {
                 "broker_url": self.redis_url,
@@ -139,7 +163,7 @@ class Settings:
                 # A lost worker must not hide a study for an hour: redeliver
                 # unacked messages after the longest a task may run.
                 "broker_transport_options": {
-                    "visibility_timeout": self.task_soft_time_limit + 60,
+                    "visibility_timeout": self.visibility_timeout_s,
                 },
                 "worker_send_task_events": True,
                 "beat_schedule": {

@@ -75,7 +75,7 @@ class Image(db.Model):
     height: Mapped[int] = mapped_column(Integer)
     bit_depth: Mapped[int] = mapped_column(Integer)
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    data: Mapped[bytes] = deferred(mapped_column(LargeBinary))
+    data: Mapped[bytes] = deferred(mapped_column(LargeBinary, nullable=False))
 
     study: Mapped[Study] = relationship(back_populates="images")
     prediction: Mapped[Prediction | None] = relationship(
