@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
 import keras
-import matplotlib  # colormaps only: no pyplot, so no GUI backend is ever loaded
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
 from ml.model import LAST_CONV_LAYER
-
-_EPS = 1e-12
+from ml.overlay import normalise_maps, overlay_png  # noqa: F401  (overlay_png re-exported)
 
 
 def _is_sigmoid_dense(layer: keras.layers.Layer) -> bool:
@@ -46,12 +42,7 @@ def make_grad_cam(
         return tf.nn.relu(tf.reduce_sum(channel_weights * activations, axis=-1))
 
     def run(batch: np.ndarray) -> np.ndarray:
-        cam = cams(tf.convert_to_tensor(batch, dtype=tf.float32)).numpy()
-        cam = np.nan_to_num(cam.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        peak = cam.reshape(len(cam), -1).max(axis=1)[:, None, None]
-        # Divide (not multiply by 1/peak) so each map peaks at exactly 1.0; flat maps become zeros.
-        normalised = np.where(peak > _EPS, cam / np.where(peak > _EPS, peak, 1.0), 0.0)
-        return np.clip(normalised, 0.0, 1.0).astype(np.float32)
+        return normalise_maps(cams(tf.convert_to_tensor(batch, dtype=tf.float32)).numpy())
 
     return run
 
@@ -61,32 +52,3 @@ def grad_cam(
 ) -> np.ndarray:
     """Return (N, h, w) float32 Grad-CAM maps in [0, 1] for the "covid" output of a preprocessed batch."""
     return make_grad_cam(model, layer_name)(batch)
-
-
-def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a 2-D float array to (width, height) with Pillow bilinear."""
-    image = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F")
-    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-
-
-def overlay_png(
-    pixels: np.ndarray, heatmap: np.ndarray, max_side: int = 512, alpha: float = 0.4
-) -> bytes:
-    """Blend a "jet" heatmap over a 2-D [0, 1] X-ray and return RGB PNG bytes, longest side <= max_side."""
-    if pixels.ndim != 2 or heatmap.ndim != 2 or pixels.size == 0 or heatmap.size == 0:
-        raise ValueError(f"expected non-empty 2-D arrays, got {pixels.shape} and {heatmap.shape}")
-    if max_side < 1 or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"need max_side >= 1 and alpha in [0, 1], got {max_side}, {alpha}")
-    height, width = pixels.shape
-    ratio = min(1.0, max_side / max(height, width))
-    size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
-
-    gray = np.clip(np.nan_to_num(_resize(pixels, size)), 0.0, 1.0)
-    heat = np.clip(np.nan_to_num(_resize(heatmap, size)), 0.0, 1.0)
-    colours = matplotlib.colormaps["jet"](heat)[..., :3]
-    blended = (1.0 - alpha) * gray[..., None] + alpha * colours
-    rgb = np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()

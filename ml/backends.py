@@ -1,0 +1,165 @@
+"""Inference backends behind Predictor: Keras/TensorFlow (GPU, or CPU fallback) and ONNX Runtime (CPU).
+
+Both return, for a preprocessed batch, the COVID-19 probability and, on
+request, the class-activation map of the last convolutional block. For this
+architecture (global average pooling -> dropout -> one dense unit) Grad-CAM's
+channel weights are the dense kernel divided by h*w, so after per-image
+normalisation Grad-CAM and CAM are the same map: both backends compute it in
+the forward pass, with no backward pass (tests/ml/test_backends.py checks it
+against ml.explain.grad_cam).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ml.artifact import ArtifactError, ModelMetadata, sha256_file
+
+ONNX_FILE = "model.onnx"
+ONNX_INFO_FILE = "model.onnx.json"
+BACKENDS = ("keras", "onnx")
+
+
+class Backend(Protocol):
+    """What Predictor needs from an inference engine."""
+
+    name: str
+
+    def run(self, batch: np.ndarray, explain: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (N,) and, if explain, raw CAMs (N, h, w)."""
+        ...
+
+
+@dataclass
+class KerasBackend:
+    """The Keras model under compiled tf.functions (one trace, any batch size)."""
+
+    model: Any
+    _forward: Any
+    _forward_cam: Any
+    name: str = "keras"
+
+    @classmethod
+    def load(cls, meta: ModelMetadata, weights: list[np.ndarray]) -> KerasBackend:
+        """Build the architecture and set the artifact's weights."""
+        import tensorflow as tf
+
+        from ml.model import LAST_CONV_LAYER, build_resnet50
+
+        model = build_resnet50(
+            input_size=meta.input_size,
+            weights=None,
+            dropout=float(meta.architecture.get("dropout", 0.3)),
+        )
+        try:
+            model.set_weights(weights)
+        except ValueError as exc:
+            raise ArtifactError("invalid_model", f"weights do not fit the architecture: {exc}") from exc
+        import keras
+
+        head = model.layers[-1]
+        both = keras.Model(model.inputs, [model.get_layer(LAST_CONV_LAYER).output, model.output])
+        spec = [tf.TensorSpec([None, meta.input_size, meta.input_size, 3], tf.float32)]
+
+        @tf.function(input_signature=spec)
+        def forward(batch: tf.Tensor) -> tf.Tensor:
+            return model(batch, training=False)
+
+        @tf.function(input_signature=spec)
+        def forward_cam(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            activations, probability = both(batch, training=False)
+            kernel = tf.cast(head.kernel[:, 0], activations.dtype)
+            return probability, tf.tensordot(activations, kernel, axes=1)
+
+        return cls(model, forward, forward_cam)
+
+    def run(self, batch: np.ndarray, explain: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """One forward pass."""
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(batch, dtype=tf.float32)
+        if not explain:
+            return np.asarray(self._forward(x), dtype=np.float32).reshape(-1), None
+        probability, cam = self._forward_cam(x)
+        return np.asarray(probability, dtype=np.float32).reshape(-1), np.asarray(cam, np.float32)
+
+
+@dataclass
+class OnnxBackend:
+    """An ONNX Runtime session on the export made by `python -m ml.export`."""
+
+    session: Any
+    input_name: str
+    name: str = "onnx"
+    model: Any = None
+
+    @classmethod
+    def load(cls, model_dir: Path, meta: ModelMetadata) -> OnnxBackend:
+        """Open the export after checking that it was made from these exact weights."""
+        info = read_onnx_info(model_dir, meta)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(
+            str(model_dir / info["file"]), options, providers=["CPUExecutionProvider"]
+        )
+        return cls(session, session.get_inputs()[0].name)
+
+    def run(self, batch: np.ndarray, explain: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """One session run (ONNX Runtime releases the GIL while it computes)."""
+        feeds = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+        if not explain:
+            (probability,) = self.session.run(["covid_probability"], feeds)
+            return probability.reshape(-1).astype(np.float32), None
+        probability, cam = self.session.run(["covid_probability", "cam"], feeds)
+        return probability.reshape(-1).astype(np.float32), cam.astype(np.float32)
+
+
+def read_onnx_info(model_dir: str | Path, meta: ModelMetadata) -> dict[str, Any]:
+    """The export's description, validated against the artifact; raises ArtifactError."""
+    path = Path(model_dir) / ONNX_INFO_FILE
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ArtifactError(
+            "no_onnx_export", f"no ONNX export in {model_dir}: run python -m ml.export {model_dir}"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise ArtifactError("invalid_model", f"unreadable {ONNX_INFO_FILE}: {exc}") from exc
+    if info.get("weights_sha256") != meta.weights_sha256:
+        raise ArtifactError(
+            "invalid_model", "the ONNX export was made from other weights; re-run python -m ml.export"
+        )
+    onnx_path = Path(model_dir) / str(info.get("file", ""))
+    if onnx_path.name != info.get("file") or not onnx_path.is_file():
+        raise ArtifactError("invalid_model", f"ONNX file {info.get('file')!r} is missing")
+    if sha256_file(onnx_path) != info.get("sha256"):
+        raise ArtifactError("invalid_model", "ONNX file does not match its recorded sha256")
+    return info
+
+
+def gpu_visible() -> bool:
+    """Whether an NVIDIA device node exists (checked without importing TensorFlow)."""
+    return Path("/dev/nvidia0").exists()
+
+
+def resolve_backend(requested: str, model_dir: str | Path, meta: ModelMetadata) -> str:
+    """'auto' -> ONNX Runtime on CPU hosts when a valid export exists, else Keras."""
+    if requested in BACKENDS:
+        return requested
+    if requested != "auto":
+        raise ValueError(f"backend must be auto, keras or onnx, got {requested!r}")
+    if gpu_visible():
+        return "keras"
+    try:
+        read_onnx_info(model_dir, meta)
+        import onnxruntime  # noqa: F401
+    except (ArtifactError, ImportError):
+        return "keras"
+    return "onnx"
