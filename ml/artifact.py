@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ml.preprocess import PREPROCESS_VERSION
+from ml.preprocess import PREPROCESS_VERSION, SUPPORTED_PREPROCESS_VERSIONS
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -101,10 +101,10 @@ def _check_types(raw: dict[str, Any]) -> None:
 def _check_values(meta: ModelMetadata) -> None:
     if meta.format_version != FORMAT_VERSION:
         raise _invalid(f"unknown format_version {meta.format_version} (expected {FORMAT_VERSION})")
-    if meta.preprocess_version != PREPROCESS_VERSION:
+    if meta.preprocess_version not in SUPPORTED_PREPROCESS_VERSIONS:
         raise _invalid(
             f"model needs preprocess_version {meta.preprocess_version!r}, "
-            f"this code implements {PREPROCESS_VERSION!r}"
+            f"this code implements {SUPPORTED_PREPROCESS_VERSIONS}"
         )
     if meta.class_names != CLASS_NAMES:
         raise _invalid(f"class_names must be {CLASS_NAMES}, got {meta.class_names}")
@@ -227,6 +227,7 @@ def write_artifact(
     training_data: dict | None = None,
     metrics: dict | None = None,
     weights_dtype: str = "float16",
+    preprocess_version: str = PREPROCESS_VERSION,
 ) -> ModelMetadata:
     """Write weights then metadata into model_dir; "{sha8}" in model_version becomes the weights hash."""
     if weights_dtype not in WEIGHTS_DTYPES:
@@ -244,7 +245,7 @@ def write_artifact(
         weights_file=WEIGHTS_FILE,
         weights_sha256=sha,
         weights_dtype=weights_dtype,
-        preprocess_version=PREPROCESS_VERSION,
+        preprocess_version=preprocess_version,
         trained=trained,
         architecture=dict(architecture),
         training_data=dict(training_data or {}),

@@ -8,9 +8,10 @@ import numpy as np
 from PIL import Image
 
 # Bump whenever preprocess() output changes for the same input: it is recorded on every
-# prediction and checked against each model artifact, so a model is never served with
-# a preprocessing it was not trained with.
-PREPROCESS_VERSION = "1"
+# prediction and in each model artifact, and a model is always served with the version it
+# was trained with. "1": resize only. "2": crop uniform borders, equalise, then as "1".
+PREPROCESS_VERSION = "2"
+SUPPORTED_PREPROCESS_VERSIONS = ("1", "2")
 
 # Keras ResNet50 "caffe" convention: BGR channel order, per-channel mean subtraction, no scaling.
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -23,6 +24,19 @@ _RESAMPLE = Image.Resampling.BILINEAR
 # Decoders may overshoot [0, 1] by float round-off; anything beyond this is a caller bug
 # (e.g. 0-255 pixels) and would silently produce garbage, so it is rejected.
 _RANGE_TOLERANCE = 1e-3
+
+# v2: borders and histograms are computed at about this resolution. Uploads are often
+# 2,000-3,000 px; box-averaging them first keeps v2 fast and makes the statistics depend
+# little on the scanner's resolution.
+_WORK_SIDE = 512
+# A border line (row or column) is flat (any grey level: padding) or a near-constant
+# black/white frame (scanner collimation, scanned-film edges). Never more than 15% per
+# side is removed, so an unusual image loses at most a margin, not anatomy.
+_FLAT_STD = 0.01
+_FRAME_STD = 0.04
+_FRAME_DARK, _FRAME_BRIGHT = 0.06, 0.94
+_MAX_CROP = 0.15
+_BINS = 256
 
 
 def _validate(pixels: np.ndarray) -> np.ndarray:
@@ -45,19 +59,89 @@ def _validate(pixels: np.ndarray) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def preprocess(pixels: np.ndarray, size: int = 224) -> np.ndarray:
-    """Turn a 2-D [0, 1] X-ray into a (size, size, 3) float32 ResNet50 'caffe' input."""
+def _check_version(version: str) -> None:
+    if version not in SUPPORTED_PREPROCESS_VERSIONS:
+        raise ValueError(
+            f"unknown preprocess version {version!r}; supported: {SUPPORTED_PREPROCESS_VERSIONS}"
+        )
+
+
+def _shrink(arr: np.ndarray) -> np.ndarray:
+    """Box-average by an integer factor so the longer side lies in [_WORK_SIDE, 2*_WORK_SIDE)."""
+    factor = max(arr.shape) // _WORK_SIDE
+    if factor < 2:
+        return arr
+    return np.asarray(Image.fromarray(arr, mode="F").reduce(factor), dtype=np.float32)
+
+
+def _border_lines(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    flat = std < _FLAT_STD
+    frame = (std < _FRAME_STD) & ((mean < _FRAME_DARK) | (mean > _FRAME_BRIGHT))
+    return flat | frame
+
+
+def _leading(is_border: np.ndarray) -> int:
+    """How many lines from the start are border lines, capped at _MAX_CROP of all lines."""
+    cap = int(_MAX_CROP * is_border.size)
+    inner = np.flatnonzero(~is_border[:cap])
+    return int(inner[0]) if inner.size else cap
+
+
+def crop_borders(arr: np.ndarray) -> np.ndarray:
+    """Drop outer rows, then columns, that are flat or near-constant black/white frames."""
+    rows = _border_lines(arr.mean(axis=1), arr.std(axis=1))
+    top, bottom = _leading(rows), _leading(rows[::-1])
+    arr = arr[top : arr.shape[0] - bottom]
+    cols = _border_lines(arr.mean(axis=0), arr.std(axis=0))
+    left, right = _leading(cols), _leading(cols[::-1])
+    return arr[:, left : arr.shape[1] - right]
+
+
+def equalize(arr: np.ndarray) -> np.ndarray:
+    """Global histogram equalisation over 256 bins; a constant image is returned unchanged."""
+    bins = np.minimum((arr * (_BINS - 1) + 0.5).astype(np.intp), _BINS - 1)
+    cdf = np.cumsum(np.bincount(bins.ravel(), minlength=_BINS))
+    lowest = cdf[bins.min()]
+    if cdf[-1] == lowest:
+        return arr
+    lut = ((cdf - lowest) / (cdf[-1] - lowest)).clip(0.0, 1.0).astype(np.float32)
+    return lut[bins]
+
+
+def preprocess_gray(
+    pixels: np.ndarray, size: int = 224, *, version: str = PREPROCESS_VERSION
+) -> np.ndarray:
+    """The single grey channel of preprocess(): (size, size) float32 in [0, 255]."""
+    _check_version(version)
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     arr = _validate(pixels)
+    if version == "2":
+        arr = equalize(crop_borders(_shrink(arr)))
     # Stretched to a square (no padding): training and serving do the same, which is what counts.
     resized = Image.fromarray(arr, mode="F").resize((size, size), _RESAMPLE)
-    gray = np.asarray(resized, dtype=np.float32) * np.float32(255.0)
+    return np.asarray(resized, dtype=np.float32) * np.float32(255.0)
+
+
+def to_caffe(gray: np.ndarray) -> np.ndarray:
+    """Grey values in [0, 255], shape (..., h, w) -> (..., h, w, 3) BGR minus the ImageNet mean."""
+    gray = np.asarray(gray, dtype=np.float32)
     return np.stack([gray] * 3, axis=-1) - np.asarray(IMAGENET_BGR_MEAN, dtype=np.float32)
 
 
-def preprocess_batch(images: Sequence[np.ndarray], size: int = 224) -> np.ndarray:
+def preprocess(
+    pixels: np.ndarray, size: int = 224, *, version: str = PREPROCESS_VERSION
+) -> np.ndarray:
+    """Turn a 2-D [0, 1] X-ray into a (size, size, 3) float32 ResNet50 'caffe' input."""
+    return to_caffe(preprocess_gray(pixels, size, version=version))
+
+
+def preprocess_batch(
+    images: Sequence[np.ndarray], size: int = 224, *, version: str = PREPROCESS_VERSION
+) -> np.ndarray:
     """Preprocess several images into one (N, size, size, 3) float32 batch."""
     if len(images) == 0:
         raise ValueError("no images to preprocess")
-    return np.stack([preprocess(image, size) for image in images]).astype(np.float32, copy=False)
+    return np.stack([preprocess(image, size, version=version) for image in images]).astype(
+        np.float32, copy=False
+    )

@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -273,6 +274,7 @@ def test_missing_dir_or_metadata_is_no_model(tmp_path: Path) -> None:
         {"threshold": 1.5},
         {"input_size": "32"},
         {"preprocess_version": "0"},
+        {"preprocess_version": "99"},
         {"format_version": FORMAT_VERSION + 1},
         {"weights_file": "../elsewhere.npz"},
         {"weights_dtype": "int8"},
@@ -345,6 +347,24 @@ def test_prediction_carries_provenance(predictor: Predictor) -> None:
         assert p.trained is False and p.heatmap_png is None
         assert p.inference_ms > 0.0
         assert p.label == ("covid" if p.probability_covid >= p.threshold else "non-covid")
+
+
+def test_model_trained_with_an_older_preprocessing_is_served_with_it(
+    cli_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "v1-model"
+    shutil.copytree(cli_run[0], model_dir)
+    _edit_metadata(model_dir, preprocess_version="1")
+    v1 = Predictor.load(model_dir)
+    images = _images()
+    predictions = v1.predict(images)
+    assert {p.preprocess_version for p in predictions} == {"1"}
+
+    reference = build_resnet50(input_size=SIZE)
+    reference.set_weights(load_weight_arrays(model_dir, v1.metadata))
+    batch = preprocess_batch(images, size=SIZE, version="1")
+    expected = np.asarray(reference(batch, training=False)).reshape(-1)
+    np.testing.assert_allclose([p.probability_covid for p in predictions], expected, atol=1e-5)
 
 
 def test_label_follows_threshold(predictor: Predictor, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,11 +1,25 @@
 """Tests for ml.preprocess: the one preprocessing shared by training and serving."""
 
+import time
+
 import numpy as np
 import pytest
 
-from ml.preprocess import IMAGENET_BGR_MEAN, PREPROCESS_VERSION, preprocess, preprocess_batch
+from ml.imaging import decode_image
+from ml.preprocess import (
+    IMAGENET_BGR_MEAN,
+    PREPROCESS_VERSION,
+    SUPPORTED_PREPROCESS_VERSIONS,
+    crop_borders,
+    preprocess,
+    preprocess_batch,
+    preprocess_gray,
+    to_caffe,
+)
+from tests.conftest import fixture_bytes
 
 MEAN = np.asarray(IMAGENET_BGR_MEAN, dtype=np.float32)
+VERSIONS = pytest.mark.parametrize("version", SUPPORTED_PREPROCESS_VERSIONS)
 
 
 def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -90,3 +104,121 @@ def test_batch_rejects_empty_sequence() -> None:
 
 def test_version_is_a_string() -> None:
     assert isinstance(PREPROCESS_VERSION, str) and PREPROCESS_VERSION
+
+
+# --- versions ------------------------------------------------------------------------------
+
+# preprocess(_smooth_image(), 8, version="1") grey levels, computed with the version 1 code
+# before version 2 existed: a model trained with "1" must keep seeing exactly this.
+V1_EXPECTED_GRAY = [
+    [205.293, 185.490, 149.288, 111.984, 88.029, 86.363, 108.330, 140.993],
+    [237.333, 217.530, 181.328, 144.024, 120.069, 118.403, 140.370, 173.033],
+    [247.149, 227.346, 191.144, 153.840, 129.885, 128.219, 150.186, 182.849],
+    [224.835, 205.032, 168.830, 131.526, 107.571, 105.905, 127.872, 160.535],
+    [181.907, 162.105, 125.903, 88.599, 64.644, 62.978, 84.945, 117.607],
+    [142.271, 122.468, 86.266, 48.962, 25.007, 23.341, 45.308, 77.971],
+    [126.382, 106.579, 70.377, 33.073, 9.118, 7.452, 29.419, 62.082],
+    [139.511, 119.709, 83.507, 46.202, 22.247, 20.582, 42.549, 75.211],
+]
+
+
+def _smooth_image() -> np.ndarray:
+    i, j = np.indices((20, 30))
+    return ((np.sin(i * 0.3) + np.cos(j * 0.17) + 2.0) / 4.0).astype(np.float32)
+
+
+def _xray() -> np.ndarray:
+    return decode_image(fixture_bytes("hannover__0957ce54.png")).pixels
+
+
+def test_versions() -> None:
+    assert SUPPORTED_PREPROCESS_VERSIONS == ("1", "2")
+    assert PREPROCESS_VERSION == "2"
+
+
+def test_version_1_is_unchanged() -> None:
+    out = preprocess(_smooth_image(), 8, version="1")
+    np.testing.assert_allclose(out[..., 0] + MEAN[0], V1_EXPECTED_GRAY, atol=1e-3)
+    np.testing.assert_allclose(out + MEAN, np.repeat(out[..., :1] + MEAN[0], 3, -1), atol=1e-3)
+
+
+@pytest.mark.parametrize("version", ["0", "3", "99", "", 2])
+def test_unknown_version_is_refused(version: object) -> None:
+    with pytest.raises(ValueError, match="preprocess version"):
+        preprocess(_image(40, 40), 32, version=version)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="preprocess version"):
+        preprocess_batch([_image(40, 40)], 32, version=version)  # type: ignore[arg-type]
+
+
+@VERSIONS
+def test_gray_then_caffe_is_preprocess(version: str) -> None:
+    # Training caches preprocess_gray() and applies to_caffe() per batch: it must be exact.
+    image = _xray()
+    np.testing.assert_array_equal(
+        to_caffe(preprocess_gray(image, 64, version=version)),
+        preprocess(image, 64, version=version),
+    )
+
+
+@VERSIONS
+def test_batch_uses_the_version(version: str) -> None:
+    images = [_xray(), _image(50, 60)]
+    batch = preprocess_batch(images, 32, version=version)
+    for i, image in enumerate(images):
+        np.testing.assert_array_equal(batch[i], preprocess(image, 32, version=version))
+
+
+def test_version_2_is_deterministic_and_differs_from_1() -> None:
+    image = _xray()
+    v2 = preprocess(image, 64, version="2")
+    np.testing.assert_array_equal(v2, preprocess(image.copy(), 64, version="2"))
+    assert np.abs(v2 - preprocess(image, 64, version="1")).mean() > 5.0
+
+
+@pytest.mark.parametrize("frame_value", [0.0, 1.0, 0.02])
+def test_version_2_removes_a_uniform_frame(frame_value: float) -> None:
+    image = _xray()
+    h, w = image.shape
+    noise = np.random.default_rng(0).normal(0.0, 0.003, (h + 60, w + 70)).astype(np.float32)
+    framed = np.clip(frame_value + noise, 0.0, 1.0)
+    framed[30 : 30 + h, 40 : 40 + w] = image
+    v2_plain, v2_framed = (preprocess_gray(x, 64, version="2") for x in (image, framed))
+    assert np.abs(v2_framed - v2_plain).mean() < 3.0  # of 255 grey levels
+    # Not vacuous: version 1 keeps the frame, and it shows.
+    v1_plain, v1_framed = (preprocess_gray(x, 64, version="1") for x in (image, framed))
+    assert np.abs(v1_framed - v1_plain).mean() > 20.0
+
+
+def test_crop_is_capped_at_15_percent_per_side() -> None:
+    flat = np.full((100, 200), 0.5, dtype=np.float32)
+    assert crop_borders(flat).shape == (70, 140)
+    # Anatomy (here: noise) reaching the edge is kept whole.
+    busy = _image(100, 200)
+    assert crop_borders(busy).shape == (100, 200)
+
+
+def test_version_2_equalises_a_low_contrast_image() -> None:
+    dull = (0.45 + 0.1 * _xray()).astype(np.float32)  # the X-ray squeezed into 10% of the range
+    v1, v2 = (preprocess_gray(dull, 64, version=v) for v in ("1", "2"))
+    assert np.ptp(v1) < 30.0
+    assert np.percentile(v2, 99) - np.percentile(v2, 1) > 200.0
+    # Roughly flat histogram: each quarter of the grey range holds 10-50% of pixels (the
+    # squeezed image has only ~26 grey levels, so it cannot be perfectly flat).
+    shares = np.histogram(v2, bins=4, range=(0, 255))[0] / v2.size
+    assert shares.min() > 0.10 and shares.max() < 0.50
+
+
+def test_version_2_handles_constant_and_tiny_images() -> None:
+    for image in (np.zeros((40, 40)), np.full((5, 3), 0.5), np.ones((1, 1))):
+        out = preprocess(image.astype(np.float32), 32, version="2")
+        assert out.shape == (32, 32, 3) and np.isfinite(out).all()
+
+
+def test_version_2_is_fast_on_a_full_size_upload() -> None:
+    # A realistic 3000x3000 upload; the budget is 80 ms, asserted loosely against noisy CI.
+    big = np.asarray(np.kron(_xray()[:250, :250], np.ones((12, 12), np.float32)), dtype=np.float32)
+    preprocess(big, 224, version="2")
+    start = time.perf_counter()
+    out = preprocess(big, 224, version="2")
+    assert time.perf_counter() - start < 0.4
+    assert out.shape == (224, 224, 3)
