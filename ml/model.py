@@ -23,8 +23,13 @@ def build_resnet50(
     weights: str | None = None,
     dropout: float = 0.3,
     seed: int | None = None,
+    output_dtype: str | None = None,
 ) -> keras.Model:
-    """Build ResNet50 (no top, average pooling) -> Dropout -> Dense(1, sigmoid)."""
+    """Build ResNet50 (no top, average pooling) -> Dropout -> Dense(1, sigmoid).
+
+    output_dtype="float32" keeps the sigmoid in float32 under a mixed-precision policy
+    (training); None follows the global dtype policy.
+    """
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise FileNotFoundError(f"backbone weights file not found: {weights}")
     if seed is not None:
@@ -40,7 +45,7 @@ def build_resnet50(
         pooling="avg",
     )
     x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(backbone.output)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_LAYER)(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_LAYER, dtype=output_dtype)(x)
     return keras.Model(inputs, outputs, name="covid_resnet50")
 
 
