@@ -94,7 +94,8 @@ def main() -> int:
                   "For an untrained development model: make dev-model && MODEL_DIR=models/dev make run\n",
                   flush=True)
         procs.append(("worker", subprocess.Popen(
-            [*celery, "worker", "--loglevel=INFO", "--concurrency=1", "--hostname=local@%h"],
+            [*celery, "worker", "--loglevel=INFO", "--pool=threads", "--concurrency=4",
+             "--hostname=local@%h"],
             cwd=ROOT, env=env, start_new_session=True)))
         procs.append(("beat", subprocess.Popen(
             [*celery, "beat", "--loglevel=INFO", f"--schedule={INSTANCE / 'celerybeat-schedule'}"],

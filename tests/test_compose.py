@@ -161,12 +161,21 @@ def test_gpu_worker(services: dict[str, Any]) -> None:
         for d in devices
     ), f"worker-gpu needs one nvidia GPU reserved, got {devices}"
     args = argv(gpu["command"])
-    assert "--concurrency=1" in args, f"one process per GPU: {args}"
+    # One process per GPU: the threads pool keeps a single model (and CUDA context) per GPU.
+    assert "--pool=threads" in args, f"one process per GPU (threads pool): {args}"
+    assert env_of(gpu).get("INFERENCE_BACKEND") == "keras", "GPU workers serve the Keras model"
     pin_version = tf_pin().split("==")[1]
     tf_package = gpu.get("build", {}).get("args", {}).get("TF_PACKAGE", "")
     assert tf_package == f"tensorflow[and-cuda]=={pin_version}", (
         f"worker-gpu TF_PACKAGE {tf_package!r} must be tensorflow[and-cuda] at the CPU pin {pin_version}"
     )
+
+
+def test_cpu_worker_batches_across_studies(services: dict[str, Any]) -> None:
+    args = [with_defaults(a) for a in argv(services["worker"]["command"])]
+    assert "--pool=threads" in args, f"CPU workers batch across studies with the threads pool: {args}"
+    concurrency = [a for a in args if a.startswith("--concurrency=")]
+    assert concurrency and int(concurrency[0].split("=")[1]) >= 2, args
 
 
 def test_workers_consume_the_queue_the_app_sends_to(services: dict[str, Any]) -> None:

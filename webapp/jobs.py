@@ -170,6 +170,12 @@ def requeue(session: Session, study_id: str, *, token: Claim | None = None) -> b
     return result.rowcount == 1
 
 
+def attempts_so_far(session: Session, study_id: str) -> int:
+    """How often the study was claimed (0 for new or unknown studies); reads only."""
+    value = session.execute(select(Study.attempts).where(Study.id == study_id)).scalar_one_or_none()
+    return int(value or 0)
+
+
 def stale_studies(session: Session, older_than_s: float, limit: int = 500) -> list[str]:
     """Pending studies whose last state change is older than the deadline: re-enqueue candidates."""
     deadline = utcnow() - timedelta(seconds=older_than_s)

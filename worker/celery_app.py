@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from ml.artifact import ArtifactError
 from webapp import create_app
 from webapp.extensions import db
-from worker.model_cache import get_predictor
+from worker.model_cache import get_batcher
 
 flask_app = create_app()
 app = flask_app.extensions["celery"]
@@ -21,14 +22,30 @@ import worker.tasks  # noqa: E402,F401  (register the tasks on this app)
 log = logging.getLogger(__name__)
 
 
-@worker_process_init.connect
-def _after_fork(**_: object) -> None:
-    # Connections opened by the parent must not be shared with forked children.
-    with flask_app.app_context():
-        db.engine.dispose(close=False)
-    # Load the model now, in the child (never before the fork), so the first
-    # study does not pay for it. No model is not fatal: studies fail with a reason.
+def _preload() -> None:
+    # Load the model now so the first study does not pay for it. No model is
+    # not fatal: studies fail with a reason, and a model installed later is picked up.
+    config = flask_app.config
     try:
-        get_predictor(flask_app.config["MODEL_DIR"]).warm_up(explain=flask_app.config["GRADCAM"])
+        get_batcher(config["MODEL_DIR"], config["INFERENCE_BACKEND"], config["BATCH_MAX_SIZE"],
+                    config["BATCH_MAX_WAIT_MS"]).predictor.warm_up(explain=config["GRADCAM"])
     except ArtifactError as exc:
         log.warning("event=model_unavailable code=%s message=%s", exc.code, exc.message)
+
+
+@worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    # Prefork children: connections opened by the parent must not be shared.
+    with flask_app.app_context():
+        db.engine.dispose(close=False)
+    _preload()
+
+
+@worker_init.connect
+def _in_main_process(sender: Any = None, **_: object) -> None:
+    # Threads/solo pools run tasks in this process; prefork children load their own
+    # copy after the fork (never before it), so the parent must not.
+    pool = getattr(sender, "pool_cls", None)
+    name = getattr(pool, "__module__", str(pool or ""))
+    if "prefork" not in name:
+        _preload()

@@ -1,33 +1,38 @@
-"""The predictor, loaded lazily once per worker process (after the fork) and reloaded when the artifact changes."""
+"""The predictor and its batcher, loaded lazily once per worker process (after any fork)
+and reloaded when the artifact changes."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ml.artifact import read_metadata
-
-if TYPE_CHECKING:
-    from ml.predictor import Predictor
+from ml.predictor import Predictor
+from worker.batching import Batcher
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_cached: tuple[str, str, Predictor] | None = None
+_cached: tuple[tuple[str, str, str], Batcher] | None = None
 
 
-def get_predictor(model_dir: str | Path) -> Predictor:
-    """The predictor for model_dir; raises ArtifactError when there is no usable model."""
+def get_batcher(model_dir: str | Path, backend: str = "auto", max_size: int = 16,
+                max_wait_ms: float = 15) -> Batcher:
+    """The batcher over the predictor for model_dir; raises ArtifactError when there is no usable model."""
     global _cached
-    model_dir = str(model_dir)
     meta = read_metadata(model_dir)  # cheap: lets a new model be installed without a restart
+    key = (str(model_dir), meta.weights_sha256, backend)
     with _lock:
-        if _cached and _cached[0] == model_dir and _cached[1] == meta.weights_sha256:
-            return _cached[2]
-        from ml.predictor import Predictor  # TensorFlow loads here, in the child, once
+        if _cached and _cached[0] == key:
+            return _cached[1]
+        predictor = Predictor.load(model_dir, backend=backend)
+        batcher = Batcher(predictor, max_size=max_size, max_wait_ms=max_wait_ms)
+        _cached = (key, batcher)
+        log.info("event=model_loaded version=%s backend=%s dir=%s", predictor.metadata.model_version,
+                 predictor.backend.name, model_dir)
+        return batcher
 
-        predictor = Predictor.load(model_dir)
-        _cached = (model_dir, predictor.metadata.weights_sha256, predictor)
-        log.info("event=model_loaded version=%s dir=%s", predictor.metadata.model_version, model_dir)
-        return predictor
+
+def get_predictor(model_dir: str | Path, backend: str = "auto") -> Predictor:
+    """The cached predictor for model_dir."""
+    return get_batcher(model_dir, backend).predictor

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
@@ -17,9 +18,11 @@ from ml.imaging import ImageError, Limits, decode_image
 from webapp import jobs
 from webapp.extensions import db
 from webapp.models import Image, Prediction
-from worker.model_cache import get_predictor
+from worker.isolation import Isolation
+from worker.model_cache import get_batcher
 
 log = logging.getLogger(__name__)
+_isolation = Isolation()
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,14 @@ def _fail(token: jobs.Claim, code: str, message: str) -> str:
 
 def run_study(study_id: str) -> str:
     """Process one study; returns what happened ('succeeded', 'failed', 'skipped', 'stale')."""
-    config = current_app.config
+    # A study claimed before may have killed its last worker: run it alone.
+    suspect = jobs.attempts_so_far(db.session, study_id) > 0
+    db.session.remove()
+    with _isolation.hold(exclusive=suspect):
+        return _run(study_id, current_app.config)
+
+
+def _run(study_id: str, config: Any) -> str:
     token = jobs.claim(db.session, study_id, config["TASK_MAX_ATTEMPTS"])
     db.session.remove()
     if token is None:
@@ -59,20 +69,24 @@ def run_study(study_id: str) -> str:
         images = _load_images(study_id)
         if not images:
             return _fail(token, "no_images", "the study has no images")
-        limits = Limits(max_bytes=max(len(i.data) for i in images) + 1,
-                        max_pixels=config["MAX_IMAGE_PIXELS"])
-        pixels = []
-        for item in images:
-            try:
-                pixels.append(decode_image(item.data, limits).pixels)
-            except ImageError as exc:
-                return _fail(token, exc.code, f"{item.filename}: {exc.message}")
         try:
-            predictor = get_predictor(config["MODEL_DIR"])
+            batcher = get_batcher(config["MODEL_DIR"], config["INFERENCE_BACKEND"],
+                                  config["BATCH_MAX_SIZE"], config["BATCH_MAX_WAIT_MS"])
         except ArtifactError as exc:
             message = "no model installed" if exc.code == "no_model" else exc.message
             return _fail(token, exc.code, message)
-        results = predictor.predict(pixels, explain=config["GRADCAM"])
+        limits = Limits(max_bytes=max(len(i.data) for i in images) + 1,
+                        max_pixels=config["MAX_IMAGE_PIXELS"])
+        with batcher.announce() as ticket:
+            pixels = []
+            for item in images:
+                try:
+                    pixels.append(decode_image(item.data, limits).pixels)
+                except ImageError as exc:
+                    return _fail(token, exc.code, f"{item.filename}: {exc.message}")
+            batch = batcher.predictor.preprocess(pixels)  # in this thread: overlaps inference
+            results = ticket.submit(batch, pixels, explain=config["GRADCAM"],
+                                    timeout=config["CELERY"]["task_soft_time_limit"])
         rows = [
             Prediction(
                 image_id=item.image_id,
@@ -84,13 +98,14 @@ def run_study(study_id: str) -> str:
                 model_trained=r.trained,
                 preprocess_version=r.preprocess_version,
                 inference_ms=r.inference_ms,
+                backend=r.backend,
                 heatmap_png=r.heatmap_png,
             )
             for item, r in zip(images, results, strict=True)
         ]
         won = jobs.finish(db.session, token, rows)
         db.session.remove()
-    except SoftTimeLimitExceeded:
+    except (SoftTimeLimitExceeded, TimeoutError):
         return _fail(token, "timeout", "processing took longer than the time limit")
     except DBAPIError:
         db.session.remove()

@@ -44,6 +44,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             body = requests.get(f"{self.base_url}/api/v1/studies/{study_id}", timeout=10).json()
+            assert "done" in body, f"{body}; web log:\n" + (self.log_dir / "web.log").read_text()[-3000:]
             if body["done"]:
                 return body
             time.sleep(0.1)
@@ -57,12 +58,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> subprocess.Popen:
-    """A real `celery worker` process on the test queue."""
+def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker", pool: str = "threads",
+                 concurrency: int = 2) -> subprocess.Popen:
+    """A real `celery worker` process on the test queue (threads pool, as CPU workers run)."""
     log = open(log_dir / f"{name}.log", "ab")
     return subprocess.Popen(
         [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "--loglevel=INFO",
-         "--concurrency=1", f"--queues={env['CELERY_QUEUE']}",
+         f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={env['CELERY_QUEUE']}",
          f"--hostname={name}-{uuid.uuid4().hex[:6]}@%h", "--without-gossip", "--without-mingle"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
