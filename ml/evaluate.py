@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ml.artifact import sha256_file
+from ml.artifact import read_metadata, sha256_file
 from ml.baseline import DEFAULT_C, ThumbnailBaseline, ThumbnailCache, source_predictability
 from ml.data import Record, load_manifest, read_split
 from ml.imaging import decode_image
@@ -262,6 +262,13 @@ def evaluate(args: argparse.Namespace) -> dict:
             f"({Path(args.model) / MODEL_SPLIT_FILE}); evaluate on its own test subset "
             "(--split MODEL/split.csv) or, for a held-out source, train with --exclude-source"
         )
+    excluded = read_metadata(args.model).training_data.get("excluded_sources")
+    held_out = args.leave_one_source_out
+    if held_out is not None and isinstance(excluded, list) and held_out not in excluded:
+        raise SystemExit(
+            f"error: the model was trained with excluded_sources={excluded}, not {held_out!r}; "
+            f"train it with `python -m ml.train --exclude-source {held_out}`"
+        )
     predictor = Predictor.load(args.model)
     meta = predictor.metadata
     # The ONLY threshold for the model: chosen on validation data when the artifact was made.
@@ -275,7 +282,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     target = _target_sensitivity(meta.training_data, meta.metrics)
     base_threshold, base_threshold_from = baseline_threshold(baseline, base_train, base_val, target)
 
-    held_out = args.leave_one_source_out
     by_source = lambda r: r.source  # noqa: E731
     by_view = lambda r: r.view  # noqa: E731
     model_block = {

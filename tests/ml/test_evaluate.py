@@ -66,11 +66,14 @@ def _split_rows(dataset: Path) -> list[list[str]]:
         return [[row["file"], row["split"]] for row in csv.DictReader(fh)]
 
 
-def _model_copy(tiny_model_dir: Path, out: Path, split_rows: list[list[str]] | None) -> Path:
-    """The tiny artifact with a non-default threshold, and the split.csv ml.train would leave."""
+def _model_copy(
+    tiny_model_dir: Path, out: Path, split_rows: list[list[str]] | None, excluded: list[str] = ()
+) -> Path:
+    """The tiny artifact with a non-default threshold, and what ml.train would leave with it."""
     shutil.copytree(tiny_model_dir, out)
     meta = json.loads((out / "metadata.json").read_text())
     meta["threshold"] = ARTIFACT_THRESHOLD
+    meta["training_data"]["excluded_sources"] = list(excluded)
     (out / "metadata.json").write_text(json.dumps(meta))
     if split_rows is not None:
         with open(out / "split.csv", "w", newline="") as fh:
@@ -168,6 +171,10 @@ def test_a_model_that_trained_on_the_evaluated_images_is_refused(dataset, tiny_m
         main(args)
     with pytest.raises(SystemExit, match="were in the model's training data"):
         main([*args[:4], "--leave-one-source-out", "hannover-mhh", "--out", str(tmp_path / "r")])
+    other = _model_copy(tiny_model_dir, tmp_path / "other", None, excluded=["hannover-mhh"])
+    with pytest.raises(SystemExit, match="excluded_sources=.'hannover-mhh'., not 'kermany"):
+        main(["--model", str(other), *args[2:4], "--leave-one-source-out", "kermany-pediatric",
+              "--out", str(tmp_path / "r")])  # fmt: skip
 
 
 def test_leave_one_source_out_scores_every_image_of_the_source(dataset, tiny_model_dir, tmp_path):
@@ -181,7 +188,7 @@ def test_leave_one_source_out_scores_every_image_of_the_source(dataset, tiny_mod
         for file, split in _split_rows(dataset)
         if split == "test" or sources[file] != held_out
     ]
-    model = _model_copy(tiny_model_dir, tmp_path / "loso", rows)
+    model = _model_copy(tiny_model_dir, tmp_path / "loso", rows, excluded=[held_out])
     done = _evaluate(
         "--model", str(model), "--manifest", str(dataset / "manifest.csv"),
         "--leave-one-source-out", held_out, "--out", str(tmp_path / "report"),
