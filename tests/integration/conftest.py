@@ -25,10 +25,30 @@ class Stack:
     """Handles on a running service."""
 
     base_url: str
-    worker: subprocess.Popen
+    worker: subprocess.Popen | None
     web: subprocess.Popen
     env: dict[str, str]
     log_dir: Path
+    procs: list[subprocess.Popen]
+
+    def start_worker(self, pool: str = "threads", concurrency: int = 2,
+                     extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        """(Re)start the worker; the old handle is replaced."""
+        self.worker = start_worker({**self.env, **(extra_env or {})}, self.log_dir, pool=pool,
+                                   concurrency=concurrency)
+        self.procs.append(self.worker)
+        return self.worker
+
+    def start_beat(self) -> subprocess.Popen:
+        """The sweeper (celery beat), as deployed."""
+        log = open(self.log_dir / "beat.log", "ab")
+        beat = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "worker.celery_app", "beat", "--loglevel=INFO",
+             f"--schedule={self.log_dir / 'beat-schedule'}"],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.procs.append(beat)
+        return beat
 
     def upload(self, *files: tuple[str, bytes], **form: str) -> dict:
         response = requests.post(
@@ -101,18 +121,18 @@ def stack_factory(tmp_path: Path, queue_name: str) -> Iterator:
     """Start a stack on a given database and model directory."""
     procs: list[subprocess.Popen] = []
 
-    def start(database_url: str, model_dir: Path) -> Stack:
-        env = build_env(database_url, model_dir, queue_name)
+    def start(database_url: str, model_dir: Path, *, extra_env: dict[str, str] | None = None,
+              worker: bool = True, beat: bool = False, pool: str = "threads") -> Stack:
+        env = {**build_env(database_url, model_dir, queue_name), **(extra_env or {})}
         subprocess.run([str(BIN / "flask"), "--app", "webapp:create_app", "db", "upgrade"],
                        cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
-        worker = start_worker(env, tmp_path)
         port = _free_port()
         web = subprocess.Popen(
             [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
              "webapp:create_app()"],
             cwd=REPO, env=env, stdout=open(tmp_path / "web.log", "ab"), stderr=subprocess.STDOUT,
         )
-        procs.extend([worker, web])
+        procs.append(web)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -123,7 +143,12 @@ def stack_factory(tmp_path: Path, queue_name: str) -> Iterator:
                 time.sleep(0.2)
         else:
             raise AssertionError("web server did not start:\n" + (tmp_path / "web.log").read_text())
-        return Stack(base, worker, web, env, tmp_path)
+        stack = Stack(base, None, web, env, tmp_path, procs)
+        if worker:
+            stack.start_worker(pool=pool)
+        if beat:
+            stack.start_beat()
+        return stack
 
     yield start
     for proc in procs:
