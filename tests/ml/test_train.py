@@ -1,0 +1,226 @@
+"""Tests for ml.train: the input pipeline in-process, and the CLI end to end on a tiny run."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ml import data, train
+from ml.artifact import read_metadata, sha256_file
+from ml.imaging import decode_image
+from ml.metrics import choose_threshold
+from ml.predictor import Predictor
+from ml.preprocess import preprocess, to_caffe
+from tests.conftest import CXR_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PATIENT_NAMESPACES = ("hannover:", "nihcxr8:", "ieee8023:", "kermany:", "linked:")
+# Eager train steps: tracing ResNet50's train step costs ~30 s on 2 cores, more than the
+# whole tiny run; the tf.data pipeline (augmentation included) is traced either way.
+TINY = ["--input-size", "32", "--batch-size", "8", "--run-eagerly", "--verbose", "2"]
+
+
+def _tiny_manifest(path: Path) -> Path:
+    """12 COVID (Hannover) and 12 non-COVID (NIH) real X-rays, one per patient."""
+    with open(CXR_DIR / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    chosen = []
+    for source in ("hannover-mhh", "nih-chestxray8-subset"):
+        seen: set[str] = set()
+        for row in rows:
+            if row["source"] == source and row["patient_id"] not in seen and len(seen) < 12:
+                seen.add(row["patient_id"])
+                chosen.append({**row, "file": str(CXR_DIR / row["file"])})
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(chosen)
+    return path
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ml.train", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_manifest(tmp_path_factory.mktemp("data") / "manifest.csv")
+
+
+@pytest.fixture(scope="module")
+def first_run(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict]:
+    out = tmp_path_factory.mktemp("train") / "model"
+    proc = _train("--manifest", str(manifest), "--out", str(out), "--epochs", "1", *TINY)
+    history = json.loads((out / "history.json").read_text())
+    return out, proc.stdout, history
+
+
+@pytest.fixture(scope="module")
+def resumed(first_run: tuple, manifest: Path) -> tuple[Path, str]:
+    out = first_run[0]
+    proc = _train(
+        "--manifest", str(manifest), "--out", str(out), "--epochs", "2", "--resume", *TINY
+    )
+    return out, proc.stdout
+
+
+# --- the CLI end to end ------------------------------------------------------------------------
+
+
+def test_tiny_run_writes_a_servable_trained_artifact(first_run: tuple, manifest: Path) -> None:
+    out, stdout, history = first_run
+    predictor = Predictor.load(out)
+    meta = predictor.metadata
+    assert meta.trained is True and 0.0 <= meta.threshold <= 1.0
+    assert (
+        meta.model_version.startswith("resnet50-cxr-")
+        and meta.weights_sha256[:8] in meta.model_version
+    )
+    assert meta.input_size == 32 and meta.preprocess_version == "2"
+    assert meta.training_data["split_sha256"] == sha256_file(out / "split.csv")
+    assert meta.training_data["splits"]["train"]["images"] == 16
+    assert set(meta.metrics) >= {"val_auroc", "val_sensitivity", "val_specificity"}
+    assert len(history["epochs"]) == 1 and history["epochs"][0]["epoch"] == 1
+    assert {"loss", "val_loss", "val_auc", "accuracy", "images_per_s"} <= set(history["epochs"][0])
+    assert (out / "training_curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert not (out / "checkpoint" / "export").exists()
+    assert "event=done" in stdout and not any(ns in stdout for ns in PATIENT_NAMESPACES)
+
+
+def test_threshold_matches_what_is_served(first_run: tuple, manifest: Path) -> None:
+    out = first_run[0]
+    predictor = Predictor.load(out)
+    split = data.read_split(out / "split.csv", data.load_manifest(manifest))
+    val = split["val"]
+    scores = [
+        p.probability_covid
+        for p in predictor.predict([decode_image(r.path.read_bytes()).pixels for r in val])
+    ]
+    y = [r.target for r in val]
+    assert predictor.metadata.threshold == choose_threshold(y, scores, 0.90)
+
+
+def test_split_file_is_patient_disjoint(first_run: tuple, manifest: Path) -> None:
+    split = data.read_split(first_run[0] / "split.csv", data.load_manifest(manifest))
+    data.check_patient_disjoint(split)
+    assert [len(split[s]) for s in ("train", "val", "test")] == [16, 4, 4]
+    for name in ("val", "test"):
+        assert sorted(r.target for r in split[name]) == [0, 0, 1, 1]
+
+
+def test_config_records_arguments_and_versions(first_run: tuple) -> None:
+    config = json.loads((first_run[0] / "training_config.json").read_text())
+    assert config["args"]["input_size"] == 32 and config["seed"] == 0
+    assert config["resolved"] == {"batch_size": 8, "dtype_policy": "float32", "verbose": 2}
+    assert config["versions"]["tensorflow"] == tf.__version__ and config["versions"]["keras"]
+
+
+def test_resume_continues_the_history(resumed: tuple) -> None:
+    out, stdout = resumed
+    history = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert "first_epoch=2" in stdout and "resume=True" in stdout
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 2 and state["best_epoch"] in (1, 2)
+    assert read_metadata(out).metrics["epochs_run"] == 2
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["previous_runs"][0]["args"]["epochs"] == 1
+
+
+def test_out_dir_is_not_clobbered_and_resume_must_match(
+    resumed: tuple, manifest: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = resumed[0]
+    base = ["--manifest", str(manifest), "--out", str(out)]
+    assert train.main(base) == 2
+    assert "--resume or --force" in capsys.readouterr().err
+    assert train.main([*base, "--resume", "--input-size", "64"]) == 2
+    assert "input_size" in capsys.readouterr().err
+    assert (
+        train.main(["--manifest", str(manifest), "--out", str(out.parent / "new"), "--resume"]) == 2
+    )
+    # A bad option never costs the checkpoint, even with --force.
+    assert train.main([*base, "--force", "--exclude-source", "nowhere"]) == 2
+    assert "no source named" in capsys.readouterr().err
+    assert (out / "checkpoint" / "last.weights.h5").is_file()
+
+
+def test_help_explains_the_options(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for needle in (
+        "--resume",
+        "--exclude-source",
+        "224",
+        "--mixed-precision",
+        "imagenet",
+        "examples",
+    ):
+        assert needle in text
+
+
+# --- the input pipeline ------------------------------------------------------------------------
+
+
+def _gray_batch() -> np.ndarray:
+    paths = [p for p in sorted((CXR_DIR / "images" / "covid").glob("hannover__*.png"))[:3]]
+    return data.load_gray_images([data.Record(p, "covid", 1, "s", None, "PA") for p in paths], 64)
+
+
+def test_tf_to_caffe_equals_serving_preprocessing() -> None:
+    gray = _gray_batch()
+    np.testing.assert_array_equal(
+        train.to_caffe(tf.constant(gray[..., None])).numpy(), to_caffe(gray)
+    )
+
+
+def test_augment_is_small_seeded_and_in_range() -> None:
+    gray = tf.constant(_gray_batch()[..., None])
+    a = train.augment(gray, tf.constant([0, 5], tf.int64)).numpy()
+    assert a.shape == gray.shape and a.min() >= 0.0 and a.max() <= 255.0
+    np.testing.assert_array_equal(a, train.augment(gray, tf.constant([0, 5], tf.int64)).numpy())
+    b = train.augment(gray, tf.constant([0, 6], tf.int64)).numpy()
+    assert not np.array_equal(a, b)
+    # Mild: still close to the original image, far closer than to another X-ray.
+    original = gray.numpy()
+    assert np.abs(a - original).mean() < 0.5 * np.abs(original[0] - original[1]).mean() + 25
+
+
+def test_train_dataset_follows_the_epoch_orders() -> None:
+    gray = _gray_batch()
+    y = np.array([1, 0, 1], np.float32)
+    orders = np.stack([data.epoch_order(3, e, seed=0) for e in range(2)])
+    batches = list(train.train_dataset(gray, y, np.ones(3, np.float32), orders, 2, 0, 0, False))
+    assert [len(b[1]) for b in batches] == [2, 1, 2, 1]
+    labels = np.concatenate([b[1].numpy().ravel() for b in batches])
+    np.testing.assert_array_equal(labels, y[orders.ravel()])
+    x = batches[0][0].numpy()
+    assert x.shape == (2, 64, 64, 3) and x.dtype == np.float32
+    # Channels stay equal: grey replicated, then the per-channel mean taken off.
+    np.testing.assert_allclose(x[..., 0] + 103.939, x[..., 2] + 123.68, atol=1e-3)
+
+
+def test_eval_dataset_is_unaugmented() -> None:
+    gray = _gray_batch()
+    (x, y), *_ = list(train.eval_dataset(gray, np.array([1, 0, 1], np.float32), 8))
+    record_pixels = decode_image(
+        sorted((CXR_DIR / "images" / "covid").glob("hannover__*.png"))[0].read_bytes()
+    )
+    np.testing.assert_array_equal(x.numpy()[0], preprocess(record_pixels.pixels, 64))
+    assert y.numpy().tolist() == [[1.0], [0.0], [1.0]]
