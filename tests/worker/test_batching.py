@@ -88,7 +88,7 @@ def test_model_errors_reach_every_waiting_study(predictor):
     batcher = Batcher(predictor, max_size=4, max_wait_ms=10)
     bad = np.zeros((1, 7, 7, 3), np.float32)  # wrong input size for the model
     # tf.function refuses an input that does not match its signature.
-    with batcher.announce() as ticket, pytest.raises(ValueError):
+    with batcher.announce() as ticket, pytest.raises(TypeError, match="tf.function"):
         ticket.submit(bad, [_image(3)], explain=False, timeout=30)
 
 
