@@ -105,8 +105,10 @@ def main() -> int:
              "--timeout", "60", "webapp:create_app()"],
             cwd=ROOT, env=env, start_new_session=True)))
         if wait_for_port(int(port), timeout=30):
-            print(f"\n  COVID-19 CXR triage is running at http://127.0.0.1:{port}/  (Ctrl-C stops)\n",
-                  flush=True)
+            print(f"\n  COVID-19 CXR triage is running at http://127.0.0.1:{port}/  (Ctrl-C stops)\n"
+                  "  First time? In another terminal, create the first admin (the password is prompted):\n"
+                  "    .venv/bin/flask --app webapp:create_app users create --admin you@hospital.org\n"
+                  "  then sign in and invite clinicians under Users.\n", flush=True)
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (nohup, &)
         while True:

@@ -104,6 +104,8 @@ def app(database_url: str, tiny_model_dir: Path, queue_name: str, tmp_path: Path
             "MODEL_DIR": str(tiny_model_dir),
             "SECRET_KEY": "test-secret",
             "CELERY": {"broker_url": TEST_REDIS_URL, "task_default_queue": queue_name},
+            # Per-app limits: tests must not throttle each other through a shared Redis key.
+            "RATELIMIT_STORAGE_URI": "memory://",
         }
     )
     with flask_app.app_context():
@@ -117,9 +119,38 @@ def app(database_url: str, tiny_model_dir: Path, queue_name: str, tmp_path: Path
     redis.Redis.from_url(TEST_REDIS_URL).delete(queue_name)
 
 
+CLINICIAN = "clinician@example.org"
+ADMIN = "admin@example.org"
+
+
 @pytest.fixture
-def client(app):
-    """A test client (CSRF on, as in production)."""
+def clinician_id(app) -> int:
+    """The account the default `client` acts as."""
+    from tests.accounts import make_user
+
+    return make_user(app, CLINICIAN)
+
+
+@pytest.fixture
+def client(app, clinician_id):
+    """A test client of a clinician with a personal API token (CSRF on, as in production)."""
+    from tests.accounts import bearer_client
+
+    return bearer_client(app, CLINICIAN)
+
+
+@pytest.fixture
+def admin_client(app):
+    """A test client of an admin, with a personal API token."""
+    from tests.accounts import bearer_client, make_user
+
+    make_user(app, ADMIN, role="admin")
+    return bearer_client(app, ADMIN)
+
+
+@pytest.fixture
+def anon_client(app):
+    """A test client nobody signed in to."""
     return app.test_client()
 
 

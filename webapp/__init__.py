@@ -35,18 +35,26 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     db.init_app(app)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"), render_as_batch=True)
+    from webapp.security import init_security
+
+    # Before CSRF: rate limits and the sign-in gate come first, whatever the form holds.
+    init_security(app)
     csrf.init_app(app)
 
     from webapp import models  # noqa: F401  (register tables with the metadata)
+    from webapp.admin.routes import bp as admin_bp
     from webapp.api.routes import bp as api_bp
+    from webapp.auth.routes import bp as auth_bp
+    from webapp.cli import register_cli
     from webapp.clinician.routes import bp as clinician_bp
     from webapp.errors import register_error_handlers
     from webapp.health.routes import bp as health_bp
     from webapp.media.routes import bp as media_bp
-
-    for blueprint in (clinician_bp, api_bp, media_bp, health_bp):
+    from webapp.metrics import bp as metrics_bp
+    for blueprint in (auth_bp, clinician_bp, api_bp, media_bp, health_bp, admin_bp, metrics_bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
+    register_cli(app)
 
     from webapp.celery_init import celery_init_app
 

@@ -37,9 +37,17 @@ ENV_VARS: dict[str, str] = {
     "BATCH_MAX_WAIT_MS": "longest a ready image waits for others already being decoded; default 15",
     "VISIBILITY_TIMEOUT_S": "seconds before Redis redelivers a message whose worker vanished; default TASK_SOFT_TIME_LIMIT + 60",
     "LOG_LEVEL": "logging level; default INFO",
+    "SESSION_COOKIE_SECURE": "send the session cookie over HTTPS only (1/0; browsers treat 127.0.0.1 and localhost as secure); default 1",
+    "SESSION_IDLE_MINUTES": "a browser session ends after this many idle minutes; default 480",
+    "LOGIN_RATE_LIMIT": "login attempts allowed per client address (Flask-Limiter syntax, kept in Redis); default 10 per minute;100 per hour",
+    "LOCKOUT_AFTER_FAILURES": "consecutive failed logins before an account is locked; default 5",
+    "LOCKOUT_BASE_S": "first lockout in seconds, doubling with each further failure up to an hour; default 60",
+    "API_TOKEN_MAX_DAYS": "longest lifetime of a personal API token in days; default 365",
+    "METRICS_PUBLIC": "serve /metrics without authentication (1/0); with 0 an admin session or admin API token is needed; default 1",
+    "TRUSTED_PROXIES": "reverse proxies in front of the web server whose X-Forwarded-For/-Proto to trust; default 0",
     "PORT": "port of the local web server started by `make run`; default 5000",
     "WEB_CONCURRENCY": "gunicorn worker processes (docker compose); default 2",
-    "WORKER_CONCURRENCY": "celery worker processes per worker container; default 1",
+    "WORKER_CONCURRENCY": "studies in flight per worker process (threads pool); default 4",
 }
 
 
@@ -51,6 +59,13 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _flag(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    return raw not in ("0", "false", "no", "off")
 
 
 def _choice(env: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
@@ -98,6 +113,14 @@ class Settings:
     batch_max_wait_ms: int = 15
     visibility_timeout_s: int = 360
     log_level: str = "INFO"
+    session_cookie_secure: bool = True
+    session_idle_minutes: int = 480
+    login_rate_limit: str = "10 per minute;100 per hour"
+    lockout_after_failures: int = 5
+    lockout_base_s: int = 60
+    api_token_max_days: int = 365
+    metrics_public: bool = True
+    trusted_proxies: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -130,6 +153,14 @@ class Settings:
                 env, "VISIBILITY_TIMEOUT_S", _int(env, "TASK_SOFT_TIME_LIMIT", 300) + 60
             ),
             log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
+            session_cookie_secure=_flag(env, "SESSION_COOKIE_SECURE", True),
+            session_idle_minutes=_int(env, "SESSION_IDLE_MINUTES", 480),
+            login_rate_limit=env.get("LOGIN_RATE_LIMIT") or "10 per minute;100 per hour",
+            lockout_after_failures=_int(env, "LOCKOUT_AFTER_FAILURES", 5),
+            lockout_base_s=_int(env, "LOCKOUT_BASE_S", 60),
+            api_token_max_days=_int(env, "API_TOKEN_MAX_DAYS", 365),
+            metrics_public=_flag(env, "METRICS_PUBLIC", True),
+            trusted_proxies=_int(env, "TRUSTED_PROXIES", 0),
         )
 
     def to_flask(self) -> dict[str, Any]:
@@ -150,6 +181,24 @@ class Settings:
             "BATCH_MAX_SIZE": self.batch_max_size,
             "BATCH_MAX_WAIT_MS": self.batch_max_wait_ms,
             "LOG_LEVEL": self.log_level,
+            "SESSION_COOKIE_SECURE": self.session_cookie_secure,
+            "SESSION_COOKIE_HTTPONLY": True,
+            "SESSION_COOKIE_SAMESITE": "Lax",
+            "REMEMBER_COOKIE_SECURE": self.session_cookie_secure,
+            "REMEMBER_COOKIE_HTTPONLY": True,
+            "PERMANENT_SESSION_LIFETIME": self.session_idle_minutes * 60,
+            "SESSION_IDLE_MINUTES": self.session_idle_minutes,
+            # Limits live in the broker's Redis so every gunicorn worker counts together.
+            "RATELIMIT_STORAGE_URI": self.redis_url,
+            "RATELIMIT_SWALLOW_ERRORS": True,
+            "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
+            "RATELIMIT_KEY_PREFIX": "covidcxr",
+            "LOGIN_RATE_LIMIT": self.login_rate_limit,
+            "LOCKOUT_AFTER_FAILURES": self.lockout_after_failures,
+            "LOCKOUT_BASE_S": self.lockout_base_s,
+            "API_TOKEN_MAX_DAYS": self.api_token_max_days,
+            "METRICS_PUBLIC": self.metrics_public,
+            "TRUSTED_PROXIES": self.trusted_proxies,
             "CELERY": {
                 "broker_url": self.redis_url,
                 "task_ignore_result": True,

@@ -12,14 +12,17 @@ from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
-JSON_PREFIXES = ("/api/", "/healthz", "/readyz")
+JSON_PREFIXES = ("/api/", "/healthz", "/readyz", "/metrics")
 CODES = {
     400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "unprocessable",
+    429: "too_many_requests",
     503: "unavailable",
 }
 
@@ -49,6 +52,14 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError) -> Any:
         return _respond(400, "csrf_failed", "the form expired or was not sent from this site; reload and try again")
+
+    @app.errorhandler(429)
+    def too_many(exc: HTTPException) -> Any:
+        response = _respond(429, "too_many_requests", "too many attempts; wait a minute and try again")
+        response = app.make_response(response)
+        retry = getattr(exc, "retry_after", None) or 60
+        response.headers.setdefault("Retry-After", str(int(retry)))
+        return response
 
     @app.errorhandler(413)
     def too_large(exc: HTTPException) -> Any:

@@ -1,11 +1,13 @@
-"""Typed SQLAlchemy 2.0 models: a Study, its Images, one Prediction per Image."""
+"""Typed SQLAlchemy 2.0 models: a Study, its Images, one Prediction per Image; Users and their credentials."""
 
 from __future__ import annotations
 
+import enum
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from flask_login import UserMixin
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -18,6 +20,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, deferred, mapped_column, relationship
 
 from webapp.extensions import db
@@ -33,15 +36,87 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+class Role(enum.StrEnum):
+    """What a user may do: clinicians see their own studies, admins see everything."""
+
+    CLINICIAN = "clinician"
+    ADMIN = "admin"
+
+
+class User(UserMixin, db.Model):
+    """A person who signs in. Never deleted (audit rows point here); deactivated instead."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16), default=Role.CLINICIAN)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Read-first mode: hide the AI result of a study until the user has recorded their own impression.
+    read_first: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    # Set by the session loader: Flask-Login keeps this key, not the user id, in
+    # the cookie, so ending the server-side session ends the cookie too.
+    session_key = None  # str | None; a plain attribute, not a column
+
+    @property
+    def is_active(self) -> bool:  # Flask-Login refuses inactive users
+        return bool(self.active)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.ADMIN
+
+    def get_id(self) -> str | None:
+        return self.session_key
+
+
+class LoginSession(db.Model):
+    """A signed-in browser; the cookie holds a random key, the table its sha256."""
+
+    __tablename__ = "login_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    user: Mapped[User] = relationship()
+
+
+class ApiToken(db.Model):
+    """A personal API token; only its sha256 is stored, the token is shown once."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship()
+
+
 class Study(db.Model):
     """One upload of one or more chest X-rays, processed as one job."""
 
     __tablename__ = "studies"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    # Accounts arrive with their own issue; the column exists so that attaching
-    # an owner needs a foreign key, not a new column and a backfill.
-    owner_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    # Studies from before accounts existed have no owner: only admins see them.
+    owner_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", name="fk_studies_owner_id_users", ondelete="SET NULL"), index=True
+    )
     patient_ref: Mapped[str | None] = mapped_column(String(64), index=True)
     accession: Mapped[str | None] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -52,10 +127,20 @@ class Study(db.Model):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The confirmed outcome (ground truth) a clinician records: positive/negative/unknown.
+    pcr_result: Mapped[str | None] = mapped_column(String(16), index=True)
+    pcr_recorded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    pcr_recorded_by: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", name="fk_studies_pcr_recorded_by_users", ondelete="SET NULL")
+    )
+    # Read-first mode: the clinician's own impression, recorded before the AI result is shown.
+    reader_impression: Mapped[str | None] = mapped_column(String(16))
+    reader_impression_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     images: Mapped[list[Image]] = relationship(
         back_populates="study", order_by="Image.position", cascade="all, delete-orphan"
     )
+    owner: Mapped[User | None] = relationship(foreign_keys=[owner_id])
 
 
 class Image(db.Model):
@@ -105,3 +190,22 @@ class Prediction(db.Model):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="prediction")
+
+
+class AuditEvent(db.Model):
+    """Who did what, when, to which study: ids and codes only, never image bytes or patient data."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    # The account as typed or known at the time (failed logins have no user row).
+    actor: Mapped[str | None] = mapped_column(String(254))
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    # No foreign key: the log outlives the studies it mentions.
+    study_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    ip: Mapped[str | None] = mapped_column(String(45))

@@ -65,6 +65,7 @@ def study_summary(study: Study) -> dict[str, Any]:
         "started_at": _time(study.started_at),
         "finished_at": _time(study.finished_at),
         "attempts": study.attempts,
+        "pcr_result": study.pcr_result,
         "done": StudyStatus(study.status) in FINISHED,
         "url": url_for("api.get_study", study_id=study.id),
         "page_url": url_for("clinician.study", study_id=study.id),

@@ -20,9 +20,27 @@ from tests.conftest import REPO, TEST_REDIS_URL
 BIN = Path(sys.executable).parent
 
 
+STACK_USER = "stack-admin@example.org"
+
+
+def provision_api_token(database_url: str, email: str = STACK_USER) -> str:
+    """An admin account and a personal API token in a migrated database; returns the token."""
+    from webapp import accounts, create_app, tokens
+    from webapp.extensions import db
+
+    app = create_app({"SQLALCHEMY_DATABASE_URI": database_url, "CELERY": {"broker_url": TEST_REDIS_URL}})
+    with app.app_context():
+        user = accounts.find_user(email) or accounts.create_user(
+            email, accounts.generate_password(), "admin")
+        secret = tokens.create_token(user, "integration tests")[1]
+        db.session.remove()
+        db.engine.dispose()
+    return secret
+
+
 @dataclass
 class Stack:
-    """Handles on a running service."""
+    """Handles on a running service; requests go out with an admin's API token."""
 
     base_url: str
     worker: subprocess.Popen | None
@@ -30,6 +48,18 @@ class Stack:
     env: dict[str, str]
     log_dir: Path
     procs: list[subprocess.Popen]
+    token: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`Authorization: Bearer <token>` of the stack's admin."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def get(self, path: str, **kwargs: object) -> requests.Response:
+        """GET a path (or a full URL) of this stack as its admin."""
+        url = path if path.startswith("http") else f"{self.base_url}{path}"
+        kwargs.setdefault("timeout", 10)
+        return requests.get(url, headers=self.headers, **kwargs)
 
     def start_worker(self, pool: str = "threads", concurrency: int = 2,
                      extra_env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -55,6 +85,7 @@ class Stack:
             f"{self.base_url}/api/v1/studies",
             files=[("files", (name, content)) for name, content in files],
             data=form,
+            headers=self.headers,
             timeout=30,
         )
         assert response.status_code == 202, response.text
@@ -63,7 +94,7 @@ class Stack:
     def wait(self, study_id: str, timeout: float = 180.0) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            body = requests.get(f"{self.base_url}/api/v1/studies/{study_id}", timeout=10).json()
+            body = self.get(f"/api/v1/studies/{study_id}").json()
             assert "done" in body, f"{body}; web log:\n" + (self.log_dir / "web.log").read_text()[-3000:]
             if body["done"]:
                 return body
@@ -126,6 +157,7 @@ def stack_factory(tmp_path: Path, queue_name: str) -> Iterator:
         env = {**build_env(database_url, model_dir, queue_name), **(extra_env or {})}
         subprocess.run([str(BIN / "flask"), "--app", "webapp:create_app", "db", "upgrade"],
                        cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
+        token = provision_api_token(env["DATABASE_URL"])
         port = _free_port()
         web = subprocess.Popen(
             [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
@@ -143,7 +175,7 @@ def stack_factory(tmp_path: Path, queue_name: str) -> Iterator:
                 time.sleep(0.2)
         else:
             raise AssertionError("web server did not start:\n" + (tmp_path / "web.log").read_text())
-        stack = Stack(base, None, web, env, tmp_path, procs)
+        stack = Stack(base, None, web, env, tmp_path, procs, token)
         if worker:
             stack.start_worker(pool=pool)
         if beat:

@@ -23,13 +23,13 @@ def test_real_xrays_get_results_from_the_worker(stack_factory, database_url, tin
     assert body["status"] == "succeeded", body
     result = body["images"][0]["result"]
     assert 0 <= result["probability_covid"] <= 1 and result["model_trained"] is False
-    heatmap = requests.get(stack.base_url + result["heatmap_url"], timeout=10)
+    heatmap = stack.get(result["heatmap_url"])
     assert heatmap.ok and heatmap.content.startswith(b"\x89PNG")
     # A second study with two images on the warm worker, and the list shows both.
     second = stack.upload((covid.name, covid.read_bytes()), (normal.name, normal.read_bytes()))
     body = stack.wait(second["id"])
     assert [i["result"] is not None for i in body["images"]] == [True, True]
-    listing = requests.get(f"{stack.base_url}/api/v1/studies", timeout=10).json()
+    listing = stack.get("/api/v1/studies").json()
     assert {s["id"] for s in listing["items"]} == {first["id"], second["id"]}
     assert all(s["status"] == "succeeded" for s in listing["items"])
     ready = requests.get(f"{stack.base_url}/readyz", timeout=10)

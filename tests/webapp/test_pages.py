@@ -1,12 +1,21 @@
-"""The browser pages: CSRF-protected upload form, study page, list."""
+"""The browser pages, signed in through the login form: CSRF-protected upload form, study page, list."""
 
 from __future__ import annotations
 
 import io
 import re
 
-from tests.conftest import real_xray_paths
+import pytest
+
+from tests.accounts import session_client
+from tests.conftest import CLINICIAN, real_xray_paths
 from tests.webapp.test_api import png_bytes
+
+
+@pytest.fixture
+def client(app, clinician_id):
+    """A browser-like client: signed in with a session cookie, no API token."""
+    return session_client(app, CLINICIAN)
 
 
 def csrf_token(client) -> str:

@@ -1,23 +1,28 @@
-"""JSON API v1: create, read and list studies."""
+"""JSON API v1: create, read and list your studies; record a study's RT-PCR outcome."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify, request, url_for
+from flask import Blueprint, g, jsonify, request, url_for
+from flask_login import current_user
 from sqlalchemy import func, select
 
+from webapp import audit
 from webapp.errors import api_error
 from webapp.extensions import csrf, db
 from webapp.jobs import StudyStatus
 from webapp.models import Study
+from webapp.outcomes import OutcomeError, record_outcome
 from webapp.serializers import study_json, study_summary
-from webapp.studies import get_study_or_404
+from webapp.studies import get_study_or_404, visible_studies
 from webapp.uploads import UploadError, create_study
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
-# API clients authenticate with tokens, not cookies; CSRF protects forms only.
+# Token clients need no CSRF token; cookie-session writes are checked in webapp/security.py.
 csrf.exempt(bp)
+# Repeated reads of one study by one user within this many seconds are logged once.
+VIEW_DEDUPE_S = 300
 
 MAX_PER_PAGE = 100
 
@@ -30,10 +35,13 @@ def create() -> Any:
             request.files.getlist("files"),
             patient_ref=request.form.get("patient_ref"),
             accession=request.form.get("accession"),
+            owner_id=current_user.id,
         )
     except UploadError as exc:
         return api_error(exc.status, exc.code, exc.message)
+    # The state as accepted; the audit commit below would reload it (a fast worker may have it already).
     response = jsonify(study_json(study))
+    audit.record("study_uploaded", study_id=study.id, images=len(study.images), via="api")
     response.status_code = 202
     response.headers["Location"] = url_for("api.get_study", study_id=study.id)
     return response
@@ -42,7 +50,23 @@ def create() -> Any:
 @bp.get("/studies/<study_id>")
 def get_study(study_id: str) -> Any:
     """One study: status, timestamps, per-image results or the error."""
-    return jsonify(study_json(get_study_or_404(study_id)))
+    study = get_study_or_404(study_id)
+    if g.get("auth_method") == "token":
+        # The study page's own polling is not logged again; a token's read is.
+        audit.record("study_viewed", study_id=study.id, via="api", dedupe_s=VIEW_DEDUPE_S)
+    return jsonify(study_json(study))
+
+
+@bp.put("/studies/<study_id>/outcome")
+def put_outcome(study_id: str) -> Any:
+    """Record the RT-PCR outcome: JSON {"pcr_result": "positive" | "negative" | "unknown"}."""
+    study = get_study_or_404(study_id)
+    body = request.get_json(silent=True) or {}
+    try:
+        record_outcome(study, str(body.get("pcr_result", "")), current_user)
+    except OutcomeError as exc:
+        return api_error(422, "invalid_outcome", str(exc))
+    return jsonify(study_json(study))
 
 
 def _positive_int(name: str, default: int) -> int:
@@ -60,7 +84,7 @@ def list_studies() -> Any:
         per_page = min(_positive_int("per_page", 20), MAX_PER_PAGE)
     except UploadError as exc:
         return api_error(exc.status, exc.code, exc.message)
-    query = select(Study)
+    query = visible_studies()
     status = request.args.get("status")
     if status:
         if status not in {s.value for s in StudyStatus}:

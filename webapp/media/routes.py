@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, abort
 
 from ml.imaging import ImageError, Limits, decode_image, to_display_png
+from webapp import audit
 from webapp.studies import get_image_or_404
 
 bp = Blueprint("media", __name__, url_prefix="/studies/<study_id>/images/<int:image_id>")
@@ -23,6 +24,7 @@ def _private(response: Response) -> Response:
 def original(study_id: str, image_id: int) -> Response:
     """The bytes as uploaded, as a download."""
     image = get_image_or_404(study_id, image_id)
+    audit.record("image_downloaded", study_id=image.study_id, image_id=image.id)
     name = f"study-{study_id[:8]}-image-{image.position + 1}.{EXTENSIONS.get(image.media_type, 'bin')}"
     response = Response(image.data, mimetype=image.media_type)
     response.headers["Content-Disposition"] = f'attachment; filename="{name}"'

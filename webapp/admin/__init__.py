@@ -1,0 +1,1 @@
+"""Admin pages: users, the audit log, the throughput and model dashboard."""

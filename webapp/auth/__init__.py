@@ -1,0 +1,1 @@
+"""Sign in and out, the account page, personal API tokens."""
