@@ -133,8 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue from --out/checkpoint after the last finished epoch; weights, learning "
-        "rate and early-stopping state carry over, the Adam moments restart",
+        help="continue from --out/checkpoint after the last finished epoch, with the same "
+        "split; weights, Adam state, learning rate and early stopping carry over",
     )
     g.add_argument(
         "--force", action="store_true", help="start over even if --out holds a model/checkpoint"
@@ -374,6 +374,11 @@ def _current_lr(model: keras.Model) -> float:
     return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
 
+def _rng_variables(model: keras.Model) -> list:
+    # Dropout's random state: not in Keras weight files, but needed for an exact resume.
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """After each epoch: record history, keep best and last weights, state.json, early stop."""
 
@@ -422,6 +427,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             st["stopped_early"] = True
             self.model.stop_training = True
         st.update(lr=_current_lr(self.model), phase=self.phase)
+        st["rng_state"] = [v.numpy().tolist() for v in _rng_variables(self.model)]
         _save_weights(self.model, self.ckpt / "last.weights.h5")
         _atomic_json(self.ckpt / "state.json", st)
         log(
@@ -437,6 +443,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
             seconds=entry["epoch_seconds"],
             best_epoch=st["best_epoch"],
         )
+
+
+def _restore_rng(model: keras.Model, state: dict) -> None:
+    for variable, value in zip(_rng_variables(model), state.get("rng_state", []), strict=False):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
 def _set_phase(model: keras.Model, phase: str) -> None:
@@ -482,8 +493,7 @@ def fit(
             f"ImageNet weights could not be fetched ({exc}); download "
             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 and pass its path"
         ) from exc
-    if args.resume:
-        model.load_weights(ckpt / "last.weights.h5")
+    resume_from = ckpt / "last.weights.h5" if args.resume else None
 
     records = split["train"]
     y = np.array([r.target for r in records], dtype=np.float32)
@@ -510,10 +520,15 @@ def fit(
         if state["stopped_early"] or state["epoch"] >= last:
             continue
         initial = max(first, state["epoch"])
-        if state["phase"] == phase and state["lr"]:
+        same_phase = state["phase"] == phase
+        if same_phase and state["lr"]:
             lr = state["lr"]  # resumed inside this phase: keep any plateau reductions
         elif initial == first and phase == "finetune":
             state["since_best"] = 0  # a new phase gets its full patience
+        if resume_from and not same_phase:
+            model.load_weights(resume_from)  # before compile: a new phase starts a fresh Adam
+            _restore_rng(model, state)
+            resume_from = None
         _set_phase(model, phase)
         model.compile(
             optimizer=keras.optimizers.Adam(lr),
@@ -521,6 +536,13 @@ def fit(
             metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
             run_eagerly=args.run_eagerly,
         )
+        if resume_from:
+            # Keras checkpoints hold the optimizer too: with the same trainable variables,
+            # Adam's moments and step count are restored along with the weights.
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(resume_from)
+            _restore_rng(model, state)
+            resume_from = None
         orders = np.stack(
             [data.epoch_order(len(y), e, args.seed, sampling) for e in range(initial, last)]
         )

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from ml import data, train
-from ml.artifact import read_metadata, sha256_file
+from ml.artifact import load_weight_arrays, read_metadata, sha256_file
 from ml.imaging import decode_image
 from ml.metrics import choose_threshold
 from ml.predictor import Predictor
@@ -78,6 +78,13 @@ def resumed(first_run: tuple, manifest: Path) -> tuple[Path, str]:
     return out, proc.stdout
 
 
+@pytest.fixture(scope="module")
+def unbroken(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "unbroken"
+    _train("--manifest", str(manifest), "--out", str(out), "--epochs", "2", *TINY)
+    return out
+
+
 # --- the CLI end to end ------------------------------------------------------------------------
 
 
@@ -139,6 +146,16 @@ def test_resume_continues_the_history(resumed: tuple) -> None:
     assert read_metadata(out).metrics["epochs_run"] == 2
     config = json.loads((out / "training_config.json").read_text())
     assert config["previous_runs"][0]["args"]["epochs"] == 1
+
+
+def test_resume_gives_the_model_an_unbroken_run_gives(resumed: tuple, unbroken: Path) -> None:
+    # Same order, augmentation, Adam moments and dropout state after the restart.
+    out = resumed[0]
+    a, b = (json.loads((d / "history.json").read_text())["epochs"] for d in (out, unbroken))
+    assert [e["loss"] for e in a] == pytest.approx([e["loss"] for e in b], rel=1e-5)
+    weights = [load_weight_arrays(d, read_metadata(d)) for d in (out, unbroken)]
+    for x, y in zip(*weights, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-3)
 
 
 def test_out_dir_is_not_clobbered_and_resume_must_match(
