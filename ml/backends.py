@@ -11,6 +11,7 @@ against ml.explain.grad_cam).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,12 @@ class KerasBackend:
 
         from ml.model import LAST_CONV_LAYER, build_resnet50
 
+        # Take GPU memory as needed rather than all of it at start, so the CUDA
+        # context and the batches share the card with whatever else runs there.
+        # (RuntimeError: already initialised in this process; keep its setting.)
+        for gpu in tf.config.list_physical_devices("GPU"):
+            with contextlib.suppress(RuntimeError):
+                tf.config.experimental.set_memory_growth(gpu, True)
         model = build_resnet50(
             input_size=meta.input_size,
             weights=None,
