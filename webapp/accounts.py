@@ -114,6 +114,13 @@ def set_active(user: User, active: bool) -> None:
         end_all_sessions(user.id)
 
 
+def set_role(user: User, role: str) -> None:
+    """Promote or demote; the user's sessions end so the new role applies at once."""
+    user.role = role
+    db.session.commit()
+    end_all_sessions(user.id)
+
+
 def unlock(user: User) -> None:
     """Clear failed attempts and any lockout."""
     user.failed_logins = 0

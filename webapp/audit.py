@@ -22,7 +22,7 @@ ACTIONS: dict[str, str] = {
     "logout": "signed out",
     "password_changed": "changed a password",
     "user_created": "created an account",
-    "user_updated": "activated, deactivated or unlocked an account",
+    "user_updated": "activated, deactivated, unlocked or changed the role of an account",
     "token_created": "created an API token",
     "token_revoked": "revoked an API token",
     "study_uploaded": "uploaded a study",

@@ -208,10 +208,21 @@ def test_admin_invites_a_clinician_who_can_then_sign_in(app, admin_client):
         "csrf_token": form_token(admin, "/admin/users"), "email": "new.doc@example.org", "role": "clinician"})
     assert page.status_code == 200
     password = re.search(rb'id="new-password">([^<]+)<', page.data).group(1).decode()
+    assert b'value="new.doc@example.org"' not in page.data  # the invite form starts empty again
     doctor = session_client(app, "new.doc@example.org", password)
     assert doctor.get("/studies").status_code == 200
     assert doctor.get("/admin/").status_code == 403
     user_id = _user(app, "new.doc@example.org").id
+    # Promoted, they sign in again and are an admin; an admin cannot demote themself.
+    admin.post(f"/admin/users/{user_id}", data={
+        "csrf_token": form_token(admin, "/admin/users"), "action": "make_admin"})
+    assert doctor.get("/admin/").status_code == 401
+    doctor = session_client(app, "new.doc@example.org", password)
+    assert doctor.get("/admin/").status_code == 200
+    own_id = _user(app, ADMIN).id
+    admin.post(f"/admin/users/{own_id}", data={
+        "csrf_token": form_token(admin, "/admin/users"), "action": "make_clinician"})
+    assert _user(app, ADMIN).role == "admin"
     admin.post(f"/admin/users/{user_id}", data={
         "csrf_token": form_token(admin, "/admin/users"), "action": "deactivate"})
     assert doctor.get("/studies").status_code == 401  # deactivation ends their sessions

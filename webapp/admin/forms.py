@@ -6,6 +6,8 @@ from wtforms.validators import DataRequired, Length
 
 from webapp.models import Role
 
+ACTIONS = ("activate", "deactivate", "unlock", "reset_password", "make_admin", "make_clinician")
+
 
 class NewUserForm(FlaskForm):
     """Invite a colleague: their account is made with a one-time password to hand over."""
@@ -15,9 +17,9 @@ class NewUserForm(FlaskForm):
 
 
 class UserActionForm(FlaskForm):
-    """activate / deactivate / unlock / reset_password for one user."""
+    """One change to one account."""
 
     action = SelectField(
-        choices=[SelectChoice(a) for a in ("activate", "deactivate", "unlock", "reset_password")],
+        choices=[SelectChoice(a) for a in ACTIONS],
         validators=[DataRequired()],
     )

@@ -14,7 +14,7 @@ from webapp.admin.forms import NewUserForm, UserActionForm
 from webapp.admin.routes import bp
 from webapp.extensions import db
 from webapp.jobs import as_utc
-from webapp.models import User
+from webapp.models import Role, User
 from webapp.security import admin_required
 
 AUDIT_PER_PAGE = 50
@@ -22,9 +22,11 @@ AUDIT_PER_PAGE = 50
 
 def _users_page(new_password: tuple[str, str] | None = None, status: int = 200) -> Any:
     users = db.session.scalars(select(User).order_by(User.email)).all()
+    # After a success the invite form starts empty; after an error it keeps what was typed.
+    form = NewUserForm(formdata=None) if new_password or request.method == "GET" else NewUserForm()
     return render_template(
-        "admin/users.html", users=users, form=NewUserForm(), action_form=UserActionForm(),
-        new_password=new_password, as_utc=as_utc,
+        "admin/users.html", users=users, form=form, action_form=UserActionForm(),
+        new_password=new_password,
     ), status
 
 
@@ -64,8 +66,8 @@ def update_user(user_id: int) -> Any:
     if not form.validate_on_submit():
         abort(400, description="unknown action")
     action = form.action.data
-    if action == "deactivate" and user.id == current_user.id:
-        flash("You cannot deactivate yourself.", "error")
+    if action in ("deactivate", "make_clinician") and user.id == current_user.id:
+        flash("You cannot deactivate or demote yourself; another admin can.", "error")
         return redirect(url_for("admin.users"))
     if action == "reset_password":
         password = accounts.generate_password()
@@ -74,6 +76,8 @@ def update_user(user_id: int) -> Any:
         return _users_page(new_password=(user.email, password))
     if action == "unlock":
         accounts.unlock(user)
+    elif action in ("make_admin", "make_clinician"):
+        accounts.set_role(user, Role.ADMIN if action == "make_admin" else Role.CLINICIAN)
     else:
         accounts.set_active(user, action == "activate")
     audit.record("user_updated", target_user=user.id, change=action)
