@@ -63,10 +63,13 @@ def test_read_first_hides_the_result_until_the_reading_is_recorded(app, browser,
     browser.post("/account/read-first", data={"csrf_token": form_token(browser, "/account")})
     hidden = browser.get(f"/studies/{study_id}").data
     assert b"0.973" not in hidden and b'class="heatmap"' not in hidden and b"Record my reading" in hidden
+    polled = browser.get(f"/api/v1/studies/{study_id}").get_json()  # what the page's script fetches
+    assert polled["result_withheld"] == "read_first" and polled["images"][0]["result"] is None
     token = form_token(browser, f"/studies/{study_id}")
     browser.post(f"/studies/{study_id}/impression", data={"csrf_token": token, "impression": "non-covid"})
     shown = browser.get(f"/studies/{study_id}").data
     assert b"0.973" in shown and b'id="reader-impression">non-covid' in shown
+    assert browser.get(f"/api/v1/studies/{study_id}").get_json()["images"][0]["result"] is not None
     # The reading cannot be changed after the result was seen.
     again = browser.post(f"/studies/{study_id}/impression", data={"csrf_token": token, "impression": "covid"})
     assert again.status_code == 302

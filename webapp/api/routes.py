@@ -13,7 +13,7 @@ from webapp.errors import api_error
 from webapp.extensions import csrf, db
 from webapp.jobs import StudyStatus
 from webapp.models import Study
-from webapp.outcomes import OutcomeError, record_outcome
+from webapp.outcomes import OutcomeError, record_outcome, shows_result
 from webapp.serializers import study_json, study_summary
 from webapp.studies import get_study_or_404, visible_studies
 from webapp.uploads import UploadError, create_study
@@ -54,7 +54,13 @@ def get_study(study_id: str) -> Any:
     if g.get("auth_method") == "token":
         # The study page's own polling is not logged again; a token's read is.
         audit.record("study_viewed", study_id=study.id, via="api", dedupe_s=VIEW_DEDUPE_S)
-    return jsonify(study_json(study))
+    body = study_json(study)
+    if g.get("auth_method") == "session" and not shows_result(study, current_user):
+        # Read-first in the browser: the page's JSON must not carry what the page hides.
+        for image in body["images"]:
+            image["result"] = None
+        body["result_withheld"] = "read_first"
+    return jsonify(body)
 
 
 @bp.put("/studies/<study_id>/outcome")
