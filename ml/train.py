@@ -11,62 +11,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 # Must happen before TensorFlow is first imported; setdefault keeps an explicit choice.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ml import data  # noqa: E402
-from ml.artifact import METADATA_FILE, ModelMetadata, write_artifact  # noqa: E402
-from ml.imaging import decode_image  # noqa: E402
-from ml.metrics import choose_threshold  # noqa: E402
-from ml.model import OUTPUT_LAYER, architecture, build_resnet50  # noqa: E402
-from ml.preprocess import (  # noqa: E402
-    IMAGENET_BGR_MEAN,
-    PREPROCESS_VERSION,
-    SUPPORTED_PREPROCESS_VERSIONS,
-)
+from ml.artifact import ModelMetadata  # noqa: E402
+from ml.checkpoints import CHECKPOINT_DIR, prepare_out, write_training_config  # noqa: E402
+from ml.preprocess import PREPROCESS_VERSION, SUPPORTED_PREPROCESS_VERSIONS  # noqa: E402
 
-CHECKPOINT_DIR = "checkpoint"
-# state.json: epochs finished, early-stopping bookkeeping, the next epoch's learning rate.
-NEW_STATE = {
-    "epoch": 0,
-    "best_val_auc": -1.0,
-    "best_epoch": 0,
-    "since_best": 0,
-    "stopped_early": False,
-    "lr": None,
-    "phase": None,
-}
-HEAD_LAYERS = ("head_dropout", OUTPUT_LAYER)
-# Augmentation strengths: small, as a radiograph's position varies little.
-ROTATION_DEG, SHIFT, ZOOM, BRIGHTNESS, CONTRAST = 7.0, 0.06, 0.08, 0.05, 0.10
-# These define the data and the model: a resumed run must use the same values.
-RESUME_MUST_MATCH = (
-    "manifest",
-    "split",
-    "input_size",
-    "preprocess_version",
-    "weights",
-    "seed",
-    "val_fraction",
-    "test_fraction",
-    "exclude_source",
-    "limit",
-    "balance_sources",
-)
+# `name as name`: the input pipeline stays reachable as ml.train.<name>, as tests use it.
+from ml.train_data import augment as augment  # noqa: E402
+from ml.train_data import eval_dataset as eval_dataset  # noqa: E402
+from ml.train_data import make_split  # noqa: E402
+from ml.train_data import to_caffe as to_caffe  # noqa: E402
+from ml.train_data import train_dataset as train_dataset  # noqa: E402
+from ml.train_log import TrainingError, log  # noqa: E402
+from ml.train_loop import fit  # noqa: E402
+from ml.train_outputs import export, write_reports  # noqa: E402
+
 EXAMPLES = """examples:
   # the reference run on this CPU (see docs/training.md for timings):
   python -m ml.train --manifest ../shared/data/cxr/manifest.csv --out models/cxr
@@ -78,15 +49,6 @@ EXAMPLES = """examples:
   # leave one source out (then evaluate on all of that source's images):
   python -m ml.train --manifest DATA --out models/loso-hannover --exclude-source hannover-mhh
 """
-
-
-def log(event: str, **fields: object) -> None:
-    """Print one key=value line: counts and settings, never patient identifiers."""
-    parts = [f"event={event}"]
-    for key, value in fields.items():
-        text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        parts.append(f"{key}={text.replace(' ', '_')}")
-    print(" ".join(parts), flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -234,461 +196,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class TrainingError(Exception):
-    """A problem with the inputs that the user has to fix."""
-
-
-# --- data ----------------------------------------------------------------------------------
-
-
-def make_split(args: argparse.Namespace, out: Path) -> dict[str, list[data.Record]]:
-    """Load the manifest, make (or reuse) the split, then apply --limit and --exclude-source."""
-    try:
-        records = data.load_manifest(args.manifest)
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from exc
-    unknown = sorted(set(args.exclude_source) - {r.source for r in records})
-    if unknown:
-        raise TrainingError(f"--exclude-source: no source named {unknown} in the manifest")
-    pool = data.limit_per_class(records, args.limit) if args.limit else records
-    split_file = out / "split.csv" if args.resume else args.split
-    try:
-        if split_file:
-            keep = {r.key for r in pool}
-            full = data.read_split(split_file, records)
-            split = {name: [r for r in rs if r.key in keep] for name, rs in full.items()}
-        else:
-            split = data.split_by_patient(pool, args.val_fraction, args.test_fraction, args.seed)
-    except (OSError, ValueError) as exc:
-        raise TrainingError(f"split: {exc}") from exc
-    for name in ("train", "val"):
-        split[name] = [r for r in split[name] if r.source not in args.exclude_source]
-        if len({r.target for r in split[name]}) < 2:
-            raise TrainingError(
-                f"the {name} split needs COVID and non-COVID images; use more data or a "
-                "larger --val-fraction"
-            )
-    return split
-
-
-def augment(gray: tf.Tensor, seed: tf.Tensor, hflip: bool = False) -> tf.Tensor:
-    """Random affine (rotation, shift, zoom: one interpolation) and brightness/contrast.
-
-    Works on grey levels in [0, 255] of shape (B, H, W, 1), before the caffe mean is taken
-    off, so clipping to the valid range stays simple. Stateless: seed fixes the result.
-    """
-    shape = tf.shape(gray)
-    h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-    u = tf.random.stateless_uniform([shape[0], 7], seed=seed, minval=-1.0, maxval=1.0)
-    angle = u[:, 0] * (ROTATION_DEG * math.pi / 180.0)
-    inv_zoom = 1.0 / (1.0 + u[:, 1] * ZOOM)
-    cos, sin = tf.cos(angle) * inv_zoom, tf.sin(angle) * inv_zoom
-    cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
-    tx, ty = u[:, 2] * SHIFT * w, u[:, 3] * SHIFT * h
-    zero = tf.zeros_like(cos)
-    # Each row maps an output pixel to the input pixel it samples: rotate and zoom about the
-    # centre, then shift.
-    transforms = tf.stack(
-        [
-            cos,
-            -sin,
-            cx - cos * cx + sin * cy - tx,
-            sin,
-            cos,
-            cy - sin * cx - cos * cy - ty,
-            zero,
-            zero,
-        ],
-        axis=1,
-    )
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=gray,
-        transforms=transforms,
-        output_shape=shape[1:3],
-        fill_value=0.0,
-        interpolation="BILINEAR",
-        fill_mode="REFLECT",
-    )
-    if hflip:
-        out = tf.where(u[:, 4, None, None, None] > 0.0, tf.reverse(out, axis=[2]), out)
-    mean = tf.reduce_mean(out, axis=[1, 2, 3], keepdims=True)
-    contrast = (1.0 + u[:, 5] * CONTRAST)[:, None, None, None]
-    brightness = (u[:, 6] * BRIGHTNESS * 255.0)[:, None, None, None]
-    return tf.clip_by_value((out - mean) * contrast + mean + brightness, 0.0, 255.0)
-
-
-def to_caffe(gray: tf.Tensor) -> tf.Tensor:
-    """TF twin of ml.preprocess.to_caffe: the same float32 operations, so the same values."""
-    return tf.concat([gray, gray, gray], axis=-1) - tf.constant(IMAGENET_BGR_MEAN, tf.float32)
-
-
-def train_dataset(
-    x: np.ndarray,
-    y: np.ndarray,
-    weights: np.ndarray,
-    orders: np.ndarray,
-    batch_size: int,
-    first_step: int,
-    seed: int,
-    hflip: bool,
-) -> tf.data.Dataset:
-    """Batches (image, label, sample weight) for the epochs in orders, one row per epoch."""
-    with tf.device("/cpu:0"):
-        images, labels = tf.constant(x[..., None]), tf.constant(y[:, None])
-        sample_weights = tf.constant(weights)
-    ds = tf.data.Dataset.from_tensor_slices(orders).flat_map(
-        lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
-    )
-
-    def load(step: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        step_seed = tf.stack([tf.constant(seed, tf.int64), step])
-        gray = augment(tf.gather(images, idx), step_seed, hflip)
-        return to_caffe(gray), tf.gather(labels, idx), tf.gather(sample_weights, idx)
-
-    ds = ds.enumerate(start=first_step)
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
-
-
-def eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    """Unaugmented batches, exactly the serving preprocessing."""
-    ds = tf.data.Dataset.from_tensor_slices((x[..., None], y[:, None])).batch(batch_size)
-    return ds.map(lambda g, t: (to_caffe(g), t)).prefetch(2)
-
-
-# --- training ------------------------------------------------------------------------------
-
-
-def _atomic_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _save_weights(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")  # Keras insists on the .weights.h5 suffix
-    model.save_weights(tmp)
-    os.replace(tmp, path)
-
-
-def _current_lr(model: keras.Model) -> float:
-    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-
-
-def _rng_variables(model: keras.Model) -> list:
-    # Dropout's random state: not in Keras weight files, but needed for an exact resume.
-    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """After each epoch: record history, keep best and last weights, state.json, early stop."""
-
-    def __init__(
-        self, ckpt: Path, state: dict, phase: str, n_images: int, batch_size: int, patience: int
-    ) -> None:
-        super().__init__()
-        self.ckpt, self.state, self.phase = ckpt, state, phase
-        self.n_images, self.batch_size, self.patience = n_images, batch_size, patience
-        self.may_stop = phase != "head"  # the frozen-backbone warm-up always runs in full
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.lr = _current_lr(self.model)
-        self.start = time.perf_counter()
-        self.first_step_end: float | None = None
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.last_step_end = time.perf_counter()
-        if self.first_step_end is None:
-            self.first_step_end = self.last_step_end
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        start, first, last = self.start, self.first_step_end or self.start, self.last_step_end
-        st = self.state
-        first_batch = min(self.n_images, self.batch_size)
-        entry = {
-            "epoch": epoch + 1,
-            "phase": self.phase,
-            "lr": self.lr,
-            **{k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"},
-            "epoch_seconds": time.perf_counter() - start,
-            "train_seconds": last - start,
-            "images_per_s": self.n_images / max(last - start, 1e-9),
-            # Excludes the first step, which also traces and compiles the train function.
-            "steady_images_per_s": (self.n_images - first_batch) / max(last - first, 1e-9),
-        }
-        st["history"].append(entry)
-        st["epoch"] = epoch + 1
-        val_auc = entry.get("val_auc", float("nan"))
-        if math.isfinite(val_auc) and val_auc > st["best_val_auc"]:
-            st.update(best_val_auc=val_auc, best_epoch=epoch + 1, since_best=0)
-            _save_weights(self.model, self.ckpt / "best.weights.h5")
-        else:
-            st["since_best"] += 1
-        if self.may_stop and st["since_best"] >= self.patience:
-            st["stopped_early"] = True
-            self.model.stop_training = True
-        st.update(lr=_current_lr(self.model), phase=self.phase)
-        st["rng_state"] = [v.numpy().tolist() for v in _rng_variables(self.model)]
-        _save_weights(self.model, self.ckpt / "last.weights.h5")
-        _atomic_json(self.ckpt / "state.json", st)
-        log(
-            "epoch",
-            epoch=epoch + 1,
-            phase=self.phase,
-            loss=entry["loss"],
-            val_loss=entry.get("val_loss"),
-            val_auc=val_auc,
-            lr=self.lr,
-            images_per_s=entry["images_per_s"],
-            steady_images_per_s=entry["steady_images_per_s"],
-            seconds=entry["epoch_seconds"],
-            best_epoch=st["best_epoch"],
-        )
-
-
-def _restore_rng(model: keras.Model, state: dict) -> None:
-    for variable, value in zip(_rng_variables(model), state.get("rng_state", []), strict=False):
-        variable.assign(np.asarray(value, dtype=variable.dtype))
-
-
-def _set_phase(model: keras.Model, phase: str) -> None:
-    for layer in model.layers:
-        if phase == "head":
-            layer.trainable = layer.name in HEAD_LAYERS
-        elif phase == "finetune":
-            # keras-io's fine-tuning advice: BatchNorm stays in inference mode on small data.
-            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-        else:
-            layer.trainable = True
-
-
-def fit(
-    args: argparse.Namespace,
-    out: Path,
-    split: dict[str, list[data.Record]],
-    train_x: np.ndarray,
-    val_x: np.ndarray,
-    batch_size: int,
-    verbose: int,
-) -> tuple[keras.Model, dict]:
-    """Train (or resume) and return the model holding the best epoch's weights, and the state."""
-    ckpt = out / CHECKPOINT_DIR
-    ckpt.mkdir(exist_ok=True)
-    state_path = ckpt / "state.json"
-    state = json.loads(state_path.read_text()) if args.resume else dict(NEW_STATE, history=[])
-    arch = architecture(args.input_size)
-    try:
-        model = build_resnet50(
-            args.input_size,
-            weights=args.weights,
-            dropout=arch["dropout"],
-            seed=args.seed,
-            output_dtype="float32",
-        )
-    except FileNotFoundError as exc:
-        raise TrainingError(str(exc)) from exc
-    except Exception as exc:
-        if args.weights != "imagenet":
-            raise
-        raise TrainingError(
-            f"ImageNet weights could not be fetched ({exc}); download "
-            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 and pass its path"
-        ) from exc
-    resume_from = ckpt / "last.weights.h5" if args.resume else None
-
-    records = split["train"]
-    y = np.array([r.target for r in records], dtype=np.float32)
-    if args.balance_sources:
-        sampling, weights = data.source_balanced_probabilities(records), np.ones_like(y)
-    else:
-        sampling, weights = None, data.class_weights(records)
-    val_y = np.array([r.target for r in split["val"]], dtype=np.float32)
-    val_ds = eval_dataset(val_x, val_y, batch_size)
-    steps = math.ceil(len(y) / batch_size)
-
-    pretrained = args.weights is not None
-    warmup = min(args.warmup_epochs, args.epochs) if pretrained else 0
-    phases = [("head", 0, warmup, args.lr)] if warmup else []
-    phases.append(
-        (
-            "finetune" if pretrained else "full",
-            warmup,
-            args.epochs,
-            args.lr / 10 if pretrained else args.lr,
-        )
-    )
-    for phase, first, last, lr in phases:
-        if state["stopped_early"] or state["epoch"] >= last:
-            continue
-        initial = max(first, state["epoch"])
-        same_phase = state["phase"] == phase
-        if same_phase and state["lr"]:
-            lr = state["lr"]  # resumed inside this phase: keep any plateau reductions
-        elif initial == first and phase == "finetune":
-            state["since_best"] = 0  # a new phase gets its full patience
-        if resume_from and not same_phase:
-            model.load_weights(resume_from)  # before compile: a new phase starts a fresh Adam
-            _restore_rng(model, state)
-            resume_from = None
-        _set_phase(model, phase)
-        model.compile(
-            optimizer=keras.optimizers.Adam(lr),
-            loss="binary_crossentropy",
-            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
-            run_eagerly=args.run_eagerly,
-        )
-        if resume_from:
-            # Keras checkpoints hold the optimizer too: with the same trainable variables,
-            # Adam's moments and step count are restored along with the weights.
-            model.optimizer.build(model.trainable_variables)
-            model.load_weights(resume_from)
-            _restore_rng(model, state)
-            resume_from = None
-        orders = np.stack(
-            [data.epoch_order(len(y), e, args.seed, sampling) for e in range(initial, last)]
-        )
-        ds = train_dataset(
-            train_x, y, weights, orders, batch_size, initial * steps, args.seed, args.hflip
-        )
-        callbacks = [
-            keras.callbacks.ReduceLROnPlateau(
-                "val_auc",
-                mode="max",
-                factor=0.5,
-                patience=max(1, args.patience // 2),
-                min_lr=1e-6,
-                verbose=0,
-            ),
-            EpochCheckpoint(ckpt, state, phase, len(y), batch_size, args.patience),
-        ]
-        log("phase", phase=phase, first_epoch=initial + 1, last_epoch=last, lr=lr, steps=steps)
-        model.fit(
-            ds,
-            epochs=last,
-            initial_epoch=initial,
-            steps_per_epoch=steps,
-            validation_data=val_ds,
-            callbacks=callbacks,
-            verbose=verbose,
-            shuffle=False,  # the dataset is already shuffled, per epoch and seeded
-        )
-    best = ckpt / "best.weights.h5"
-    model.load_weights(best if best.exists() else ckpt / "last.weights.h5")
-    return model, state
-
-
-# --- export and reports --------------------------------------------------------------------
-
-
-def export(
-    args: argparse.Namespace,
-    out: Path,
-    split: dict[str, list[data.Record]],
-    model: keras.Model,
-    state: dict,
-    training_data: dict,
-) -> ModelMetadata:
-    """Write the artifact, with the threshold chosen from the float16 artifact's val scores."""
-    from sklearn.metrics import roc_auc_score
-
-    from ml.predictor import Predictor
-
-    weights = model.get_weights()
-    common = {
-        "model_version": f"resnet50-cxr-{datetime.now(UTC):%Y%m%d}-{{sha8}}",
-        "architecture": architecture(args.input_size),
-        "trained": True,
-        "training_data": training_data,
-        "preprocess_version": args.preprocess_version,
-    }
-    staging = out / CHECKPOINT_DIR / "export"
-    staged = write_artifact(staging, weights, **common)
-    predictor = Predictor.load(staging)
-    val = split["val"]
-    scores = []
-    for i in range(0, len(val), 32):
-        pixels = [decode_image(r.path.read_bytes()).pixels for r in val[i : i + 32]]
-        scores += [p.probability_covid for p in predictor.predict(pixels)]
-    y, s = np.array([r.target for r in val]), np.array(scores)
-    threshold = choose_threshold(y, s, args.target_sensitivity)
-    predicted = s >= threshold
-    metrics = {
-        "split": "val",
-        "note": "validation: the threshold was chosen here; see ml.evaluate for test",
-        "val_images": len(val),
-        "val_auroc": float(roc_auc_score(y, s)),
-        "val_sensitivity": float(predicted[y == 1].mean()),
-        "val_specificity": float((~predicted[y == 0]).mean()),
-        "target_sensitivity": args.target_sensitivity,
-        "best_epoch": state["best_epoch"],
-        "epochs_run": state["epoch"],
-    }
-    meta = write_artifact(out, weights, threshold=threshold, metrics=metrics, **common)
-    if meta.weights_sha256 != staged.weights_sha256:
-        raise RuntimeError("exported weights differ from the ones the threshold was chosen on")
-    shutil.rmtree(staging)
-    return meta
-
-
-def write_reports(out: Path, state: dict) -> None:
-    """history.json and training_curves.png (loss, accuracy, AUROC; train vs val)."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe anywhere
-    from matplotlib.ticker import MaxNLocator
-
-    history = state["history"]
-    _atomic_json(
-        out / "history.json",
-        {k: v for k, v in state.items() if k != "history"} | {"epochs": history},
-    )
-    epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(13, 3.8), layout="constrained")
-    for ax, key, title in zip(
-        fig.subplots(1, 3), ("loss", "accuracy", "auc"), ("Loss", "Accuracy", "AUROC"), strict=True
-    ):
-        ax.plot(epochs, [h.get(key) for h in history], "o-", label="train", ms=3)
-        ax.plot(epochs, [h.get(f"val_{key}") for h in history], "o-", label="val", ms=3)
-        if state["best_epoch"]:
-            ax.axvline(state["best_epoch"], color="grey", ls="--", lw=1, label="best epoch")
-        ax.set(title=title, xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.savefig(out / "training_curves.png", dpi=100)
-
-
-def _git_commit() -> str | None:
-    try:
-        proc = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout.strip() or None
-
-
-def _prepare_out(args: argparse.Namespace, out: Path) -> dict | None:
-    """Return the saved config when resuming; never clobber a model by accident."""
-    if args.resume:
-        if not (out / CHECKPOINT_DIR / "state.json").is_file():
-            raise TrainingError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}")
-        saved = json.loads((out / "training_config.json").read_text())
-        changed = [k for k in RESUME_MUST_MATCH if saved["args"].get(k) != vars(args)[k]]
-        if changed:
-            raise TrainingError(f"--resume with other {changed} than the checkpoint; use --force")
-        return saved
-    if ((out / METADATA_FILE).exists() or (out / CHECKPOINT_DIR).exists()) and not args.force:
-        raise TrainingError(f"{out} already holds a model or checkpoint; use --resume or --force")
-    return None
-
-
 def run(args: argparse.Namespace) -> ModelMetadata:
     """Everything main() does, raising TrainingError for user mistakes."""
     out = Path(args.out)
-    saved = _prepare_out(args, out)
+    saved = prepare_out(args, out)
     out.mkdir(parents=True, exist_ok=True)
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
@@ -725,24 +236,8 @@ def run(args: argparse.Namespace) -> ModelMetadata:
             covid=s["by_target"].get("covid", 0),
             sources=len(s["by_source"]),
         )
-    config = {
-        "args": vars(args),
-        "resolved": {"batch_size": batch_size, "dtype_policy": policy, "verbose": verbose},
-        "versions": {
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "numpy": np.__version__,
-        },
-        "device": [d.name for d in gpus] or [platform.machine()],
-        "git_commit": _git_commit(),
-        "seed": args.seed,
-        "split_sha256": split_sha,
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    if saved is not None:
-        config["previous_runs"] = [*saved.pop("previous_runs", []), saved]
-    _atomic_json(out / "training_config.json", config)
+    resolved = {"batch_size": batch_size, "dtype_policy": policy, "verbose": verbose}
+    write_training_config(out, args, resolved, gpus, split_sha, saved)
 
     start = time.perf_counter()
     try:

@@ -1,0 +1,136 @@
+"""What ml.train feeds the model: the patient-disjoint split, and the tf.data pipeline.
+
+Images arrive as a cached grey-level array (ml.data.load_gray_images); tf.data shuffles them
+by the given epoch orders, augments them (rotation, shift, zoom, brightness/contrast; no flips
+by default) and batches them, applying the caffe mean exactly as serving does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from ml import data
+from ml.preprocess import IMAGENET_BGR_MEAN
+from ml.train_log import TrainingError
+
+# Augmentation strengths: small, as a radiograph's position varies little.
+ROTATION_DEG, SHIFT, ZOOM, BRIGHTNESS, CONTRAST = 7.0, 0.06, 0.08, 0.05, 0.10
+
+
+def make_split(args: argparse.Namespace, out: Path) -> dict[str, list[data.Record]]:
+    """Load the manifest, make (or reuse) the split, then apply --limit and --exclude-source."""
+    try:
+        records = data.load_manifest(args.manifest)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+    unknown = sorted(set(args.exclude_source) - {r.source for r in records})
+    if unknown:
+        raise TrainingError(f"--exclude-source: no source named {unknown} in the manifest")
+    pool = data.limit_per_class(records, args.limit) if args.limit else records
+    split_file = out / "split.csv" if args.resume else args.split
+    try:
+        if split_file:
+            keep = {r.key for r in pool}
+            full = data.read_split(split_file, records)
+            split = {name: [r for r in rs if r.key in keep] for name, rs in full.items()}
+        else:
+            split = data.split_by_patient(pool, args.val_fraction, args.test_fraction, args.seed)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"split: {exc}") from exc
+    for name in ("train", "val"):
+        split[name] = [r for r in split[name] if r.source not in args.exclude_source]
+        if len({r.target for r in split[name]}) < 2:
+            raise TrainingError(
+                f"the {name} split needs COVID and non-COVID images; use more data or a "
+                "larger --val-fraction"
+            )
+    return split
+
+
+def augment(gray: tf.Tensor, seed: tf.Tensor, hflip: bool = False) -> tf.Tensor:
+    """Random affine (rotation, shift, zoom: one interpolation) and brightness/contrast.
+
+    Works on grey levels in [0, 255] of shape (B, H, W, 1), before the caffe mean is taken
+    off, so clipping to the valid range stays simple. Stateless: seed fixes the result.
+    """
+    shape = tf.shape(gray)
+    h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    u = tf.random.stateless_uniform([shape[0], 7], seed=seed, minval=-1.0, maxval=1.0)
+    angle = u[:, 0] * (ROTATION_DEG * math.pi / 180.0)
+    inv_zoom = 1.0 / (1.0 + u[:, 1] * ZOOM)
+    cos, sin = tf.cos(angle) * inv_zoom, tf.sin(angle) * inv_zoom
+    cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+    tx, ty = u[:, 2] * SHIFT * w, u[:, 3] * SHIFT * h
+    zero = tf.zeros_like(cos)
+    # Each row maps an output pixel to the input pixel it samples: rotate and zoom about the
+    # centre, then shift.
+    transforms = tf.stack(
+        [
+            cos,
+            -sin,
+            cx - cos * cx + sin * cy - tx,
+            sin,
+            cos,
+            cy - sin * cx - cos * cy - ty,
+            zero,
+            zero,
+        ],
+        axis=1,
+    )
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=gray,
+        transforms=transforms,
+        output_shape=shape[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
+    )
+    if hflip:
+        out = tf.where(u[:, 4, None, None, None] > 0.0, tf.reverse(out, axis=[2]), out)
+    mean = tf.reduce_mean(out, axis=[1, 2, 3], keepdims=True)
+    contrast = (1.0 + u[:, 5] * CONTRAST)[:, None, None, None]
+    brightness = (u[:, 6] * BRIGHTNESS * 255.0)[:, None, None, None]
+    return tf.clip_by_value((out - mean) * contrast + mean + brightness, 0.0, 255.0)
+
+
+def to_caffe(gray: tf.Tensor) -> tf.Tensor:
+    """TF twin of ml.preprocess.to_caffe: the same float32 operations, so the same values."""
+    return tf.concat([gray, gray, gray], axis=-1) - tf.constant(IMAGENET_BGR_MEAN, tf.float32)
+
+
+def train_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    weights: np.ndarray,
+    orders: np.ndarray,
+    batch_size: int,
+    first_step: int,
+    seed: int,
+    hflip: bool,
+) -> tf.data.Dataset:
+    """Batches (image, label, sample weight) for the epochs in orders, one row per epoch."""
+    with tf.device("/cpu:0"):
+        images, labels = tf.constant(x[..., None]), tf.constant(y[:, None])
+        sample_weights = tf.constant(weights)
+    ds = tf.data.Dataset.from_tensor_slices(orders).flat_map(
+        lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+    )
+
+    def load(step: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        step_seed = tf.stack([tf.constant(seed, tf.int64), step])
+        gray = augment(tf.gather(images, idx), step_seed, hflip)
+        return to_caffe(gray), tf.gather(labels, idx), tf.gather(sample_weights, idx)
+
+    ds = ds.enumerate(start=first_step)
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
+
+
+def eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Unaugmented batches, exactly the serving preprocessing."""
+    ds = tf.data.Dataset.from_tensor_slices((x[..., None], y[:, None])).batch(batch_size)
+    return ds.map(lambda g, t: (to_caffe(g), t)).prefetch(2)

@@ -1,0 +1,150 @@
+"""The training loop of ml.train: build ResNet50 and fit it in phases, resuming if asked.
+
+Random init trains everything in one phase. Pretrained weights mean two: the head alone with
+the backbone frozen, then all but BatchNorm at a tenth of the learning rate. Each epoch is
+checkpointed (ml.checkpoints); the best epoch's weights are what the caller gets back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from ml import data
+from ml.checkpoints import CHECKPOINT_DIR, NEW_STATE, EpochCheckpoint, restore_rng
+from ml.model import OUTPUT_LAYER, architecture, build_resnet50
+from ml.train_data import eval_dataset, train_dataset
+from ml.train_log import TrainingError, log
+
+HEAD_LAYERS = ("head_dropout", OUTPUT_LAYER)
+
+
+def _set_phase(model: keras.Model, phase: str) -> None:
+    for layer in model.layers:
+        if phase == "head":
+            layer.trainable = layer.name in HEAD_LAYERS
+        elif phase == "finetune":
+            # keras-io's fine-tuning advice: BatchNorm stays in inference mode on small data.
+            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+        else:
+            layer.trainable = True
+
+
+def fit(
+    args: argparse.Namespace,
+    out: Path,
+    split: dict[str, list[data.Record]],
+    train_x: np.ndarray,
+    val_x: np.ndarray,
+    batch_size: int,
+    verbose: int,
+) -> tuple[keras.Model, dict]:
+    """Train (or resume) and return the model holding the best epoch's weights, and the state."""
+    ckpt = out / CHECKPOINT_DIR
+    ckpt.mkdir(exist_ok=True)
+    state_path = ckpt / "state.json"
+    state = json.loads(state_path.read_text()) if args.resume else dict(NEW_STATE, history=[])
+    arch = architecture(args.input_size)
+    try:
+        model = build_resnet50(
+            args.input_size,
+            weights=args.weights,
+            dropout=arch["dropout"],
+            seed=args.seed,
+            output_dtype="float32",
+        )
+    except FileNotFoundError as exc:
+        raise TrainingError(str(exc)) from exc
+    except Exception as exc:
+        if args.weights != "imagenet":
+            raise
+        raise TrainingError(
+            f"ImageNet weights could not be fetched ({exc}); download "
+            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 and pass its path"
+        ) from exc
+    resume_from = ckpt / "last.weights.h5" if args.resume else None
+
+    records = split["train"]
+    y = np.array([r.target for r in records], dtype=np.float32)
+    if args.balance_sources:
+        sampling, weights = data.source_balanced_probabilities(records), np.ones_like(y)
+    else:
+        sampling, weights = None, data.class_weights(records)
+    val_y = np.array([r.target for r in split["val"]], dtype=np.float32)
+    val_ds = eval_dataset(val_x, val_y, batch_size)
+    steps = math.ceil(len(y) / batch_size)
+
+    pretrained = args.weights is not None
+    warmup = min(args.warmup_epochs, args.epochs) if pretrained else 0
+    phases = [("head", 0, warmup, args.lr)] if warmup else []
+    phases.append(
+        (
+            "finetune" if pretrained else "full",
+            warmup,
+            args.epochs,
+            args.lr / 10 if pretrained else args.lr,
+        )
+    )
+    for phase, first, last, lr in phases:
+        if state["stopped_early"] or state["epoch"] >= last:
+            continue
+        initial = max(first, state["epoch"])
+        same_phase = state["phase"] == phase
+        if same_phase and state["lr"]:
+            lr = state["lr"]  # resumed inside this phase: keep any plateau reductions
+        elif initial == first and phase == "finetune":
+            state["since_best"] = 0  # a new phase gets its full patience
+        if resume_from and not same_phase:
+            model.load_weights(resume_from)  # before compile: a new phase starts a fresh Adam
+            restore_rng(model, state)
+            resume_from = None
+        _set_phase(model, phase)
+        model.compile(
+            optimizer=keras.optimizers.Adam(lr),
+            loss="binary_crossentropy",
+            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+            run_eagerly=args.run_eagerly,
+        )
+        if resume_from:
+            # Keras checkpoints hold the optimizer too: with the same trainable variables,
+            # Adam's moments and step count are restored along with the weights.
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(resume_from)
+            restore_rng(model, state)
+            resume_from = None
+        orders = np.stack(
+            [data.epoch_order(len(y), e, args.seed, sampling) for e in range(initial, last)]
+        )
+        ds = train_dataset(
+            train_x, y, weights, orders, batch_size, initial * steps, args.seed, args.hflip
+        )
+        callbacks = [
+            keras.callbacks.ReduceLROnPlateau(
+                "val_auc",
+                mode="max",
+                factor=0.5,
+                patience=max(1, args.patience // 2),
+                min_lr=1e-6,
+                verbose=0,
+            ),
+            EpochCheckpoint(ckpt, state, phase, len(y), batch_size, args.patience),
+        ]
+        log("phase", phase=phase, first_epoch=initial + 1, last_epoch=last, lr=lr, steps=steps)
+        model.fit(
+            ds,
+            epochs=last,
+            initial_epoch=initial,
+            steps_per_epoch=steps,
+            validation_data=val_ds,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,  # the dataset is already shuffled, per epoch and seeded
+        )
+    best = ckpt / "best.weights.h5"
+    model.load_weights(best if best.exists() else ckpt / "last.weights.h5")
+    return model, state
