@@ -188,8 +188,6 @@ class Settings:
             "REMEMBER_COOKIE_HTTPONLY": True,
             "PERMANENT_SESSION_LIFETIME": self.session_idle_minutes * 60,
             "SESSION_IDLE_MINUTES": self.session_idle_minutes,
-            # Limits live in the broker's Redis so every gunicorn worker counts together.
-            "RATELIMIT_STORAGE_URI": self.redis_url,
             "RATELIMIT_SWALLOW_ERRORS": True,
             "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
             "RATELIMIT_KEY_PREFIX": "covidcxr",

@@ -135,6 +135,8 @@ def init_security(app: Flask) -> None:
     login_manager.unauthorized_handler(_unauthorized)
     login_manager.login_view = "auth.login"
     app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
+    # Limits live in the broker's Redis so every gunicorn process counts together.
+    app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["CELERY"]["broker_url"])
     limiter.init_app(app)
     app.before_request(_require_login)
     app.after_request(_headers)

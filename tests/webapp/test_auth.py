@@ -104,9 +104,13 @@ def test_brute_force_login_is_throttled(app, clinician_id):
     assert api.status_code == 429 and api.get_json()["error"]["code"] == "too_many_requests"
 
 
-def test_limits_are_kept_in_the_brokers_redis():
-    settings = Settings.from_env({"REDIS_URL": "redis://broker.internal:6379/0", "SECRET_KEY": "k"})
-    assert settings.to_flask()["RATELIMIT_STORAGE_URI"] == "redis://broker.internal:6379/0"
+def test_limits_are_kept_in_the_brokers_redis(tmp_path):
+    from webapp import create_app
+
+    broker = "redis://broker.internal:6379/3"
+    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'x.db'}", "CELERY": {"broker_url": broker}})
+    assert app.config["RATELIMIT_STORAGE_URI"] == broker
+    assert Settings.from_env({"SECRET_KEY": "k"}).lockout_after_failures == 5
 
 
 def test_csrf_is_required_on_every_form_and_cookie_api_writes(app, clinician_id):
