@@ -88,11 +88,18 @@ def main() -> int:
     celery = [str(VENV_BIN / "celery"), "-A", "worker.celery_app"]
     try:
         subprocess.run([*flask, "db", "upgrade"], cwd=ROOT, env=env, check=True)
-        model_dir = env.get("MODEL_DIR", "models/current")
-        if not (ROOT / model_dir / "metadata.json").exists() and not Path(model_dir, "metadata.json").exists():
+        model_dir = ROOT / env.get("MODEL_DIR", "models/current")
+        if not (model_dir / "metadata.json").exists():
             print(f"\nNo model installed at {model_dir}: studies will FAIL with 'no model installed'.\n"
                   "For an untrained development model: make dev-model && MODEL_DIR=models/dev make run\n",
                   flush=True)
+        elif not (model_dir / "model.onnx.json").exists():
+            # The CPU worker serves the ONNX export; it is built here once (not committed: ~90 MB).
+            print("Exporting the model to ONNX for the CPU worker (once, about a minute)…", flush=True)
+            exported = subprocess.run([str(VENV_BIN / "python"), "-m", "ml.export", str(model_dir)],
+                                      cwd=ROOT, env=env)
+            if exported.returncode != 0:
+                print("ONNX export failed; the worker will serve the Keras model instead.", flush=True)
         procs.append(("worker", subprocess.Popen(
             [*celery, "worker", "--loglevel=INFO", "--pool=threads", "--concurrency=4",
              "--hostname=local@%h"],

@@ -35,6 +35,7 @@ def image_json(study: Study, image: Image) -> dict[str, Any]:
             "model_trained": p.model_trained,
             "preprocess_version": p.preprocess_version,
             "inference_ms": round(p.inference_ms, 2),
+            "backend": p.backend,
             "heatmap_url": url_for("media.heatmap", study_id=study.id, image_id=image.id),
         }
     return {
