@@ -96,6 +96,14 @@ def main() -> None:
         two = saturate(stack, files)
     finally:
         stack.stop()
+    # The same saturation without heatmaps: how much of the gap is rendering them.
+    plain = BenchStack(model_dir, env={"INFERENCE_BACKEND": "onnx", "GRADCAM": "0"})
+    try:
+        plain.start_workers(1)
+        time.sleep(8)
+        no_cam = saturate(plain, files)
+    finally:
+        plain.stop()
 
     lines = [
         f"\n### {datetime.now(UTC):%Y-%m-%d} e2e, model `{model_dir.name}`, ONNX Runtime, "
@@ -109,7 +117,7 @@ def main() -> None:
         f"| light load (one at a time), client-measured upload-to-result p50 | {light_p50 * 1000:.0f} ms "
         f"(= single-image pipeline + {(light_p50 - bare['single_image_pipeline_s']) * 1000:.0f} ms) |",
     ]
-    for name, r in (("1 worker", one), ("2 workers", two)):
+    for name, r in (("1 worker", one), ("2 workers", two), ("1 worker, no Grad-CAM", no_cam)):
         lines.append(f"| saturation, {args.n} studies, {name}: throughput | {r['throughput']:.1f} studies/s "
                      f"= {r['throughput'] / best_bare:.2f} x best model-only |")
         lines.append(f"| saturation, {name}: end-to-end p50 / p95 / p99, queue wait p50 | "

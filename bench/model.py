@@ -4,8 +4,10 @@ measured in the same run.
     .venv/bin/python bench/model.py --model-dir models/dev [--batches 1 4 8 16] [--seconds 8]
 
 Backends: `keras-predict` (model.predict at batch 1, what most demos do),
-`keras` (the compiled tf.function the Keras backend serves), `onnx` (ONNX
-Runtime; needs `python -m ml.export MODEL_DIR` first). ResNet50 costs
+`keras` (the compiled tf.function the Keras backend serves), `onnx` (a bare
+ONNX Runtime session.run; needs `python -m ml.export MODEL_DIR` first), and
+`predictor (onnx)`: what a CPU worker calls per batch (Predictor.predict_batch,
+without the heatmap), to compare with the bare session. ResNet50 costs
 ~4.1 G multiply-adds per 224-px image (scaled by (size/224)^2); the roofline is
 float32 matrix multiplication (numpy/OpenBLAS sgemm, 2048^3) on all cores.
 Appends a table to docs/benchmarks.md.
@@ -77,7 +79,8 @@ def main() -> None:
     for bs in args.batches:
         batch = keras_p.preprocess(images[:bs])
         runs = {
-            "onnx": lambda b: onnx_p.backend.run(b, explain=False),
+            "onnx": lambda b: onnx_p.backend.session.run(None, {onnx_p.backend.input_name: b}),
+            "predictor (onnx)": lambda b, n=bs: onnx_p.predict_batch(b, images[:n]),
             "keras": lambda b: keras_p.backend.run(b, explain=False),
         }
         if bs == 1:
