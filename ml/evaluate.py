@@ -92,6 +92,20 @@ def model_training_overlap(
     return result
 
 
+def drop_seen_patients(
+    model_dir: Path, records: Sequence[Record], evaluated: Sequence[Record]
+) -> tuple[list[Record], dict]:
+    """Held-out mode: leave out images of patients the model met in another source (linked ids)."""
+    path = Path(model_dir) / MODEL_SPLIT_FILE
+    if not path.is_file():
+        return list(evaluated), {"images": 0, "patients": 0}
+    model_split = read_split(path, records)
+    seen = {r.patient_id for name in ("train", "val") for r in model_split[name] if r.patient_id}
+    kept = [r for r in evaluated if not (r.patient_id and r.patient_id in seen)]
+    dropped = {r.patient_id for r in evaluated if r.patient_id and r.patient_id in seen}
+    return kept, {"images": len(evaluated) - len(kept), "patients": len(dropped)}
+
+
 def select_records(
     args: argparse.Namespace, records: list[Record], split: dict[str, list[Record]] | None
 ) -> tuple[list[Record], list[Record], list[Record]]:
@@ -123,6 +137,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     records = load_manifest(args.manifest)
     split = read_split(args.split, records) if args.split else None
     evaluated, base_train, base_val = select_records(args, records, split)
+    seen_dropped = {"images": 0, "patients": 0}
+    if args.leave_one_source_out is not None:
+        evaluated, seen_dropped = drop_seen_patients(args.model, records, evaluated)
 
     overlap = model_training_overlap(args.model, records, evaluated)
     if overlap["checked"] and (
@@ -225,6 +242,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             "n_evaluated": len(evaluated),
             "positives": int(y.sum()),
             "held_out_patients_also_in_other_sources": _shared_patients(records, held_out),
+            "left_out_as_seen_in_training": seen_dropped,
         },
         "ci_method": CI_NOTE,
         "model_results": model_block,

@@ -114,6 +114,12 @@ def render_markdown(report: dict) -> str:
         f"- model sha256 `{meta['sha256']}`; trained: {meta['trained']}; input {meta['input_size']}",
         f"- manifest sha256 `{data['manifest_sha256']}`; split sha256 `{data['split_sha256']}`",
         f"- {data['n_evaluated']} images, {data['positives']} COVID",
+        *(
+            [f"- left out: {d['images']} images of {d['patients']} patients the model saw in "
+             "another source (linked patient ids)"]
+            if (d := data.get("left_out_as_seen_in_training")) and d["images"]
+            else []
+        ),
         f"- threshold {meta['threshold']:.4f}, from the {meta['threshold_source']}",
         f"- {_overlap_note(meta['overlap_with_evaluated'])}",
         "",

@@ -214,3 +214,23 @@ def test_cli_refuses_a_run_without_a_split_or_held_out_source(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--manifest", "x.csv", "--out", "r"])
     assert "--split is required" in capsys.readouterr().err
+
+
+def test_held_out_mode_leaves_out_patients_seen_in_another_source(tmp_path):
+    from ml.data import Record
+    from ml.evaluate import drop_seen_patients
+
+    def rec(name: str, source: str, patient: str | None) -> Record:
+        return Record(path=tmp_path / name, label="covid", target=1, source=source,
+                      patient_id=patient, view="PA")
+
+    seen = rec("a.png", "other", "linked:1")
+    records = [seen, rec("b.png", "held", "linked:1"), rec("c.png", "held", "p2"),
+               rec("d.png", "held", None)]
+    (tmp_path / "model").mkdir()
+    from ml.data import write_split
+
+    write_split({"train": [seen], "val": [], "test": []}, tmp_path / "model" / "split.csv")
+    kept, info = drop_seen_patients(tmp_path / "model", records, records[1:])
+    assert [r.path.name for r in kept] == ["c.png", "d.png"]
+    assert info == {"images": 1, "patients": 1}
