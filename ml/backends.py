@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ from ml.artifact import ArtifactError, ModelMetadata, sha256_file
 ONNX_FILE = "model.onnx"
 ONNX_INFO_FILE = "model.onnx.json"
 BACKENDS = ("keras", "onnx")
+_POLICY_LOCK = threading.Lock()  # Keras' dtype policy is global while a model is built
 
 
 class Backend(Protocol):
@@ -46,8 +48,15 @@ class KerasBackend:
     name: str = "keras"
 
     @classmethod
-    def load(cls, meta: ModelMetadata, weights: list[np.ndarray]) -> KerasBackend:
-        """Build the architecture and set the artifact's weights."""
+    def load(
+        cls, meta: ModelMetadata, weights: list[np.ndarray], precision: str | None = None
+    ) -> KerasBackend:
+        """Build the architecture and set the artifact's weights.
+
+        precision: a Keras dtype policy; by default mixed_float16 on a GPU (tensor cores;
+        variables and the sigmoid stay float32) and float32 on a CPU.
+        """
+        import keras
         import tensorflow as tf
 
         from ml.model import LAST_CONV_LAYER, build_resnet50
@@ -55,19 +64,27 @@ class KerasBackend:
         # Take GPU memory as needed rather than all of it at start, so the CUDA
         # context and the batches share the card with whatever else runs there.
         # (RuntimeError: already initialised in this process; keep its setting.)
-        for gpu in tf.config.list_physical_devices("GPU"):
+        gpus = tf.config.list_physical_devices("GPU")
+        for gpu in gpus:
             with contextlib.suppress(RuntimeError):
                 tf.config.experimental.set_memory_growth(gpu, True)
-        model = build_resnet50(
-            input_size=meta.input_size,
-            weights=None,
-            dropout=float(meta.architecture.get("dropout", 0.3)),
-        )
+        policy = precision or ("mixed_float16" if gpus else "float32")
+        with _POLICY_LOCK:
+            previous = keras.mixed_precision.global_policy()
+            keras.mixed_precision.set_global_policy(policy)
+            try:
+                model = build_resnet50(
+                    input_size=meta.input_size,
+                    weights=None,
+                    dropout=float(meta.architecture.get("dropout", 0.3)),
+                    output_dtype="float32",
+                )
+            finally:
+                keras.mixed_precision.set_global_policy(previous)
         try:
             model.set_weights(weights)
         except ValueError as exc:
             raise ArtifactError("invalid_model", f"weights do not fit the architecture: {exc}") from exc
-        import keras
 
         head = model.layers[-1]
         both = keras.Model(model.inputs, [model.get_layer(LAST_CONV_LAYER).output, model.output])
@@ -80,8 +97,8 @@ class KerasBackend:
         @tf.function(input_signature=spec)
         def forward_cam(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             activations, probability = both(batch, training=False)
-            kernel = tf.cast(head.kernel[:, 0], activations.dtype)
-            return probability, tf.tensordot(activations, kernel, axes=1)
+            kernel = tf.cast(head.kernel[:, 0], tf.float32)
+            return probability, tf.tensordot(tf.cast(activations, tf.float32), kernel, axes=1)
 
         return cls(model, forward, forward_cam)
 

@@ -106,3 +106,24 @@ print("LOADED", sorted(m for m in ("tensorflow", "keras", "tf2onnx") if m in sys
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LOADED []" in out.stdout
+
+
+def test_keras_backend_mixed_precision_keeps_float32_outputs(exported: Path):
+    """The GPU default (a mixed policy) on this CPU: bfloat16 compute, float32 answers, close to float32."""
+    import keras
+
+    from ml.artifact import load_weight_arrays, read_metadata
+    from ml.backends import KerasBackend
+
+    meta = read_metadata(exported)
+    weights = load_weight_arrays(exported, meta)
+    full = KerasBackend.load(meta, weights)
+    mixed = KerasBackend.load(meta, weights, precision="mixed_bfloat16")
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    assert mixed.model.get_layer("conv1_conv").compute_dtype == "bfloat16"
+    predictor = Predictor.load(exported, backend="keras")
+    batch = predictor.preprocess(_images())
+    p_full, cam_full = full.run(batch, explain=True)
+    p_mixed, cam_mixed = mixed.run(batch, explain=True)
+    assert p_mixed.dtype == np.float32 and cam_mixed.dtype == np.float32
+    np.testing.assert_allclose(p_mixed, p_full, atol=0.05)
