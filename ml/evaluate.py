@@ -93,14 +93,23 @@ def model_training_overlap(
 
 
 def drop_seen_patients(
-    model_dir: Path, records: Sequence[Record], evaluated: Sequence[Record]
+    model_dir: Path, records: Sequence[Record], evaluated: Sequence[Record], held_out: str
 ) -> tuple[list[Record], dict]:
-    """Held-out mode: leave out images of patients the model met in another source (linked ids)."""
+    """Held-out mode: leave out images of patients the model met in another source (linked ids).
+
+    Only the link through another source is forgiven: if the model trained on images of
+    the held-out source itself, the leakage check that follows still refuses the run.
+    """
     path = Path(model_dir) / MODEL_SPLIT_FILE
     if not path.is_file():
         return list(evaluated), {"images": 0, "patients": 0}
     model_split = read_split(path, records)
-    seen = {r.patient_id for name in ("train", "val") for r in model_split[name] if r.patient_id}
+    seen = {
+        r.patient_id
+        for name in ("train", "val")
+        for r in model_split[name]
+        if r.patient_id and r.source != held_out
+    }
     kept = [r for r in evaluated if not (r.patient_id and r.patient_id in seen)]
     dropped = {r.patient_id for r in evaluated if r.patient_id and r.patient_id in seen}
     return kept, {"images": len(evaluated) - len(kept), "patients": len(dropped)}
@@ -139,7 +148,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     evaluated, base_train, base_val = select_records(args, records, split)
     seen_dropped = {"images": 0, "patients": 0}
     if args.leave_one_source_out is not None:
-        evaluated, seen_dropped = drop_seen_patients(args.model, records, evaluated)
+        evaluated, seen_dropped = drop_seen_patients(
+            args.model, records, evaluated, args.leave_one_source_out
+        )
 
     overlap = model_training_overlap(args.model, records, evaluated)
     if overlap["checked"] and (

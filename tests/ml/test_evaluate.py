@@ -225,12 +225,16 @@ def test_held_out_mode_leaves_out_patients_seen_in_another_source(tmp_path):
                       patient_id=patient, view="PA")
 
     seen = rec("a.png", "other", "linked:1")
+    held_in_train = rec("e.png", "held", "p3")
     records = [seen, rec("b.png", "held", "linked:1"), rec("c.png", "held", "p2"),
-               rec("d.png", "held", None)]
+               rec("d.png", "held", None), held_in_train]
     (tmp_path / "model").mkdir()
     from ml.data import write_split
 
-    write_split({"train": [seen], "val": [], "test": []}, tmp_path / "model" / "split.csv")
-    kept, info = drop_seen_patients(tmp_path / "model", records, records[1:])
-    assert [r.path.name for r in kept] == ["c.png", "d.png"]
+    write_split({"train": [seen, held_in_train], "val": [], "test": []},
+                tmp_path / "model" / "split.csv")
+    kept, info = drop_seen_patients(tmp_path / "model", records, records[1:], "held")
+    # The linked patient is left out; the held-out source's own image in train is kept,
+    # so the leakage check that follows refuses the run.
+    assert [r.path.name for r in kept] == ["c.png", "d.png", "e.png"]
     assert info == {"images": 1, "patients": 1}
