@@ -1,4 +1,4 @@
-"""The predictor and its batcher, loaded lazily once per worker process (after any fork)
+"""The batcher and its predictor, loaded lazily once per worker process (after any fork)
 and reloaded when the artifact changes."""
 
 from __future__ import annotations
@@ -32,7 +32,3 @@ def get_batcher(model_dir: str | Path, backend: str = "auto", max_size: int = 16
                  predictor.backend.name, model_dir)
         return batcher
 
-
-def get_predictor(model_dir: str | Path, backend: str = "auto") -> Predictor:
-    """The cached predictor for model_dir."""
-    return get_batcher(model_dir, backend).predictor
