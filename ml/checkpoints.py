@@ -49,6 +49,7 @@ RESUME_MUST_MATCH = (
     "exclude_source",
     "limit",
     "balance_sources",
+    "source_adversary",
 )
 
 

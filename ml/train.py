@@ -147,6 +147,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "time, instead of class-weighting the loss",
     )
     g.add_argument(
+        "--source-adversary",
+        type=float,
+        default=0.0,
+        metavar="SCALE",
+        help="train against a class-conditional source classifier through gradient reversal "
+        "of this strength (ml.train_adversary; 0 = off, default), so that the features stop "
+        "telling the collections of a class apart",
+    )
+    g.add_argument(
         "--hflip",
         action="store_true",
         help="also flip left-right (off by default: anatomy is not symmetric)",
@@ -191,6 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--epochs and --patience must be at least 1, --warmup-epochs at least 0")
     if (args.batch_size is not None and args.batch_size < 1) or (args.limit or 1) < 1:
         p.error("--batch-size and --limit must be positive")
+    if args.source_adversary < 0:
+        p.error("--source-adversary must not be negative")
     if not 0.0 < args.target_sensitivity <= 1.0:
         p.error("--target-sensitivity must lie in (0, 1]")
     return args
@@ -266,6 +277,7 @@ def run(args: argparse.Namespace) -> ModelMetadata:
         "excluded_sources": sorted(args.exclude_source),
         "images_without_patient_id": "train only",
         "balance_sources": args.balance_sources,
+        "source_adversary": args.source_adversary,
         "input_size": args.input_size,
         "seed": args.seed,
     }

@@ -15,7 +15,9 @@ import numpy as np
 import tensorflow as tf
 
 from ml import data
+from ml.model import OUTPUT_LAYER
 from ml.preprocess import IMAGENET_BGR_MEAN
+from ml.train_adversary import ADVERSARY_LAYER, LABEL_INPUT
 from ml.train_log import TrainingError
 
 # Augmentation strengths: small, as a radiograph's position varies little.
@@ -112,11 +114,16 @@ def train_dataset(
     first_step: int,
     seed: int,
     hflip: bool,
+    sources: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-    """Batches (image, label, sample weight) for the epochs in orders, one row per epoch."""
+    """Batches (image, label, sample weight) for the epochs in orders, one row per epoch.
+
+    With sources (--source-adversary), batches are structured for the adversarial model.
+    """
     with tf.device("/cpu:0"):
         images, labels = tf.constant(x[..., None]), tf.constant(y[:, None])
         sample_weights = tf.constant(weights)
+        source_ids = tf.constant(sources if sources is not None else np.zeros(len(y), np.int32))
     ds = tf.data.Dataset.from_tensor_slices(orders).flat_map(
         lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
     )
@@ -124,13 +131,36 @@ def train_dataset(
     def load(step: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         step_seed = tf.stack([tf.constant(seed, tf.int64), step])
         gray = augment(tf.gather(images, idx), step_seed, hflip)
-        return to_caffe(gray), tf.gather(labels, idx), tf.gather(sample_weights, idx)
+        batch = to_caffe(gray), tf.gather(labels, idx), tf.gather(sample_weights, idx)
+        if sources is None:
+            return batch
+        return _adversarial(*batch, tf.gather(source_ids, idx))
 
     ds = ds.enumerate(start=first_step)
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
 
 
-def eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    """Unaugmented batches, exactly the serving preprocessing."""
-    ds = tf.data.Dataset.from_tensor_slices((x[..., None], y[:, None])).batch(batch_size)
-    return ds.map(lambda g, t: (to_caffe(g), t)).prefetch(2)
+def eval_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, sources: np.ndarray | None = None
+) -> tf.data.Dataset:
+    """Unaugmented batches, exactly the serving preprocessing (structured as train_dataset's)."""
+    if sources is None:
+        ds = tf.data.Dataset.from_tensor_slices((x[..., None], y[:, None])).batch(batch_size)
+        return ds.map(lambda g, t: (to_caffe(g), t)).prefetch(2)
+
+    def adversarial_batch(gray: tf.Tensor, label: tf.Tensor, source: tf.Tensor) -> tuple:
+        inputs, targets, _ = _adversarial(to_caffe(gray), label, tf.ones_like(label), source)
+        return inputs, targets
+
+    ds = tf.data.Dataset.from_tensor_slices((x[..., None], y[:, None], sources)).batch(batch_size)
+    return ds.map(adversarial_batch).prefetch(2)
+
+
+def _adversarial(
+    image: tf.Tensor, label: tf.Tensor, weight: tf.Tensor, source: tf.Tensor
+) -> tuple[dict, dict, dict]:
+    # (inputs, targets, sample weights) as ml.train_adversary's model takes them; the
+    # adversary's loss counts every image once, whatever the class weights.
+    inputs = {"image": image, LABEL_INPUT: label}
+    targets = {OUTPUT_LAYER: label, ADVERSARY_LAYER: source}
+    return inputs, targets, {OUTPUT_LAYER: weight, ADVERSARY_LAYER: tf.ones_like(weight)}

@@ -18,10 +18,17 @@ import numpy as np
 from ml import data
 from ml.checkpoints import CHECKPOINT_DIR, NEW_STATE, EpochCheckpoint, restore_rng
 from ml.model import OUTPUT_LAYER, architecture, build_resnet50
+from ml.train_adversary import (
+    ADVERSARY_LAYER,
+    AliasLogs,
+    adversarial_model,
+    compile_args,
+    source_indices,
+)
 from ml.train_data import eval_dataset, train_dataset
 from ml.train_log import TrainingError, log
 
-HEAD_LAYERS = ("head_dropout", OUTPUT_LAYER)
+HEAD_LAYERS = ("head_dropout", OUTPUT_LAYER, "adversary_hidden", ADVERSARY_LAYER)
 
 
 def _set_phase(model: keras.Model, phase: str) -> None:
@@ -35,6 +42,13 @@ def _set_phase(model: keras.Model, phase: str) -> None:
             layer.trainable = True
 
 
+def _compile_args() -> dict:
+    return {
+        "loss": "binary_crossentropy",
+        "metrics": [keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+    }
+
+
 def fit(
     args: argparse.Namespace,
     out: Path,
@@ -44,7 +58,11 @@ def fit(
     batch_size: int,
     verbose: int,
 ) -> tuple[keras.Model, dict]:
-    """Train (or resume) and return the model holding the best epoch's weights, and the state."""
+    """Train (or resume) and return the model holding the best epoch's weights, and the state.
+
+    With --source-adversary the model trained (and checkpointed) is ml.train_adversary's,
+    which shares its layers with the classifier returned.
+    """
     ckpt = out / CHECKPOINT_DIR
     ckpt.mkdir(exist_ok=True)
     state_path = ckpt / "state.json"
@@ -70,13 +88,21 @@ def fit(
     resume_from = ckpt / "last.weights.h5" if args.resume else None
 
     records = split["train"]
+    sources = val_sources = None
+    training, compiled = model, _compile_args()
+    if args.source_adversary:
+        ids, names = source_indices([*records, *split["val"]])
+        sources, val_sources = ids[: len(records)], ids[len(records) :]
+        training = adversarial_model(model, len(names), args.source_adversary)
+        compiled = compile_args()
+        log("adversary", sources=len(names), scale=args.source_adversary)
     y = np.array([r.target for r in records], dtype=np.float32)
     if args.balance_sources:
         sampling, weights = data.source_balanced_probabilities(records), np.ones_like(y)
     else:
         sampling, weights = None, data.class_weights(records)
     val_y = np.array([r.target for r in split["val"]], dtype=np.float32)
-    val_ds = eval_dataset(val_x, val_y, batch_size)
+    val_ds = eval_dataset(val_x, val_y, batch_size, val_sources)
     steps = math.ceil(len(y) / batch_size)
 
     pretrained = args.weights is not None
@@ -100,30 +126,28 @@ def fit(
         elif initial == first and phase == "finetune":
             state["since_best"] = 0  # a new phase gets its full patience
         if resume_from and not same_phase:
-            model.load_weights(resume_from)  # before compile: a new phase starts a fresh Adam
-            restore_rng(model, state)
+            training.load_weights(resume_from)  # before compile: a new phase starts a fresh Adam
+            restore_rng(training, state)
             resume_from = None
-        _set_phase(model, phase)
-        model.compile(
-            optimizer=keras.optimizers.Adam(lr),
-            loss="binary_crossentropy",
-            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
-            run_eagerly=args.run_eagerly,
+        _set_phase(training, phase)
+        training.compile(
+            optimizer=keras.optimizers.Adam(lr), run_eagerly=args.run_eagerly, **compiled
         )
         if resume_from:
             # Keras checkpoints hold the optimizer too: with the same trainable variables,
             # Adam's moments and step count are restored along with the weights.
-            model.optimizer.build(model.trainable_variables)
-            model.load_weights(resume_from)
-            restore_rng(model, state)
+            training.optimizer.build(training.trainable_variables)
+            training.load_weights(resume_from)
+            restore_rng(training, state)
             resume_from = None
         orders = np.stack(
             [data.epoch_order(len(y), e, args.seed, sampling) for e in range(initial, last)]
         )
         ds = train_dataset(
-            train_x, y, weights, orders, batch_size, initial * steps, args.seed, args.hflip
+            train_x, y, weights, orders, batch_size, initial * steps, args.seed, args.hflip, sources
         )
         callbacks = [
+            *([AliasLogs()] if args.source_adversary else []),
             keras.callbacks.ReduceLROnPlateau(
                 "val_auc",
                 mode="max",
@@ -135,7 +159,7 @@ def fit(
             EpochCheckpoint(ckpt, state, phase, len(y), batch_size, args.patience),
         ]
         log("phase", phase=phase, first_epoch=initial + 1, last_epoch=last, lr=lr, steps=steps)
-        model.fit(
+        training.fit(
             ds,
             epochs=last,
             initial_epoch=initial,
@@ -146,5 +170,5 @@ def fit(
             shuffle=False,  # the dataset is already shuffled, per epoch and seeded
         )
     best = ckpt / "best.weights.h5"
-    model.load_weights(best if best.exists() else ckpt / "last.weights.h5")
+    training.load_weights(best if best.exists() else ckpt / "last.weights.h5")
     return model, state
