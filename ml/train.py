@@ -156,6 +156,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "telling the collections of a class apart",
     )
     g.add_argument(
+        "--augment",
+        choices=("mild", "strong"),
+        default="mild",
+        help="mild: small rotation, shift, zoom, brightness/contrast; strong: larger, plus "
+        "gamma, blur/sharpening and noise, which vary what differs between collections "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
         "--hflip",
         action="store_true",
         help="also flip left-right (off by default: anatomy is not symmetric)",
@@ -278,6 +286,7 @@ def run(args: argparse.Namespace) -> ModelMetadata:
         "images_without_patient_id": "train only",
         "balance_sources": args.balance_sources,
         "source_adversary": args.source_adversary,
+        "augment": args.augment,
         "input_size": args.input_size,
         "seed": args.seed,
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,26 @@ from ml.preprocess import IMAGENET_BGR_MEAN
 from ml.train_adversary import ADVERSARY_LAYER, LABEL_INPUT
 from ml.train_log import TrainingError
 
-# Augmentation strengths: small, as a radiograph's position varies little.
-ROTATION_DEG, SHIFT, ZOOM, BRIGHTNESS, CONTRAST = 7.0, 0.06, 0.08, 0.05, 0.10
+# Augmentation strengths (rotation in degrees; shift, zoom, brightness, contrast as fractions).
+# Mild: a radiograph's position varies little. Strong (--augment strong) also varies what
+# differs between collections rather than patients: exposure curve (gamma), sharpness
+# (scanner and compression) and noise.
+STRENGTHS = {
+    "mild": (7.0, 0.06, 0.08, 0.05, 0.10),
+    "strong": (15.0, 0.10, 0.15, 0.10, 0.25),
+}
+GAMMA, SHARPNESS, NOISE = 1.5, 1.0, 6.0  # strong only: gamma in [1/1.5, 1.5], noise sd <= 6
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What augment() varies: --augment and --hflip."""
+
+    strength: str = "mild"
+    hflip: bool = False
+
+
+MILD = Augmentation()
 
 
 def make_split(args: argparse.Namespace, out: Path) -> dict[str, list[data.Record]]:
@@ -54,20 +73,21 @@ def make_split(args: argparse.Namespace, out: Path) -> dict[str, list[data.Recor
     return split
 
 
-def augment(gray: tf.Tensor, seed: tf.Tensor, hflip: bool = False) -> tf.Tensor:
+def augment(gray: tf.Tensor, seed: tf.Tensor, aug: Augmentation = MILD) -> tf.Tensor:
     """Random affine (rotation, shift, zoom: one interpolation) and brightness/contrast.
 
     Works on grey levels in [0, 255] of shape (B, H, W, 1), before the caffe mean is taken
     off, so clipping to the valid range stays simple. Stateless: seed fixes the result.
     """
+    rotation, shift, zoom, brightness, contrast = STRENGTHS[aug.strength]
     shape = tf.shape(gray)
     h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
     u = tf.random.stateless_uniform([shape[0], 7], seed=seed, minval=-1.0, maxval=1.0)
-    angle = u[:, 0] * (ROTATION_DEG * math.pi / 180.0)
-    inv_zoom = 1.0 / (1.0 + u[:, 1] * ZOOM)
+    angle = u[:, 0] * (rotation * math.pi / 180.0)
+    inv_zoom = 1.0 / (1.0 + u[:, 1] * zoom)
     cos, sin = tf.cos(angle) * inv_zoom, tf.sin(angle) * inv_zoom
     cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
-    tx, ty = u[:, 2] * SHIFT * w, u[:, 3] * SHIFT * h
+    tx, ty = u[:, 2] * shift * w, u[:, 3] * shift * h
     zero = tf.zeros_like(cos)
     # Each row maps an output pixel to the input pixel it samples: rotate and zoom about the
     # centre, then shift.
@@ -92,12 +112,28 @@ def augment(gray: tf.Tensor, seed: tf.Tensor, hflip: bool = False) -> tf.Tensor:
         interpolation="BILINEAR",
         fill_mode="REFLECT",
     )
-    if hflip:
+    if aug.hflip:
         out = tf.where(u[:, 4, None, None, None] > 0.0, tf.reverse(out, axis=[2]), out)
+    if aug.strength == "strong":
+        out = _acquisition(out, tf.random.experimental.stateless_fold_in(seed, 1))
     mean = tf.reduce_mean(out, axis=[1, 2, 3], keepdims=True)
-    contrast = (1.0 + u[:, 5] * CONTRAST)[:, None, None, None]
-    brightness = (u[:, 6] * BRIGHTNESS * 255.0)[:, None, None, None]
-    return tf.clip_by_value((out - mean) * contrast + mean + brightness, 0.0, 255.0)
+    gain = (1.0 + u[:, 5] * contrast)[:, None, None, None]
+    offset = (u[:, 6] * brightness * 255.0)[:, None, None, None]
+    return tf.clip_by_value((out - mean) * gain + mean + offset, 0.0, 255.0)
+
+
+def _acquisition(gray: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Random gamma, blur or sharpening, and Gaussian noise: what scanners and codecs change."""
+    shape = tf.shape(gray)
+    u = tf.random.stateless_uniform([shape[0], 3], seed=seed, minval=-1.0, maxval=1.0)
+    gamma = tf.exp(u[:, 0] * math.log(GAMMA))[:, None, None, None]
+    out = 255.0 * tf.pow(tf.clip_by_value(gray, 0.0, 255.0) / 255.0, gamma)
+    # amount < 0 blends towards a 3x3 blur, > 0 away from it (unsharp masking).
+    blurred = tf.nn.avg_pool2d(out, ksize=3, strides=1, padding="SAME")
+    out = out + (u[:, 1] * SHARPNESS)[:, None, None, None] * (out - blurred)
+    sd = (tf.abs(u[:, 2]) * NOISE)[:, None, None, None]
+    noise = tf.random.stateless_normal(shape, tf.random.experimental.stateless_fold_in(seed, 2))
+    return out + sd * noise
 
 
 def to_caffe(gray: tf.Tensor) -> tf.Tensor:
@@ -113,7 +149,7 @@ def train_dataset(
     batch_size: int,
     first_step: int,
     seed: int,
-    hflip: bool,
+    aug: Augmentation,
     sources: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Batches (image, label, sample weight) for the epochs in orders, one row per epoch.
@@ -130,7 +166,7 @@ def train_dataset(
 
     def load(step: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         step_seed = tf.stack([tf.constant(seed, tf.int64), step])
-        gray = augment(tf.gather(images, idx), step_seed, hflip)
+        gray = augment(tf.gather(images, idx), step_seed, aug)
         batch = to_caffe(gray), tf.gather(labels, idx), tf.gather(sample_weights, idx)
         if sources is None:
             return batch

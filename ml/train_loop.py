@@ -25,7 +25,7 @@ from ml.train_adversary import (
     compile_args,
     source_indices,
 )
-from ml.train_data import eval_dataset, train_dataset
+from ml.train_data import Augmentation, eval_dataset, train_dataset
 from ml.train_log import TrainingError, log
 
 HEAD_LAYERS = ("head_dropout", OUTPUT_LAYER, "adversary_hidden", ADVERSARY_LAYER)
@@ -144,7 +144,15 @@ def fit(
             [data.epoch_order(len(y), e, args.seed, sampling) for e in range(initial, last)]
         )
         ds = train_dataset(
-            train_x, y, weights, orders, batch_size, initial * steps, args.seed, args.hflip, sources
+            train_x,
+            y,
+            weights,
+            orders,
+            batch_size,
+            initial * steps,
+            args.seed,
+            Augmentation(args.augment, args.hflip),
+            sources,
         )
         callbacks = [
             *([AliasLogs()] if args.source_adversary else []),

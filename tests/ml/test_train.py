@@ -16,6 +16,7 @@ from ml.imaging import decode_image
 from ml.metrics import choose_threshold
 from ml.predictor import Predictor
 from ml.preprocess import preprocess, to_caffe
+from ml.train_data import Augmentation
 from tests.conftest import CXR_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -219,11 +220,33 @@ def test_augment_is_small_seeded_and_in_range() -> None:
     assert np.abs(a - original).mean() < 0.5 * np.abs(original[0] - original[1]).mean() + 25
 
 
+def test_strong_augmentation_also_varies_exposure_sharpness_and_noise() -> None:
+    gray = tf.constant(_gray_batch()[..., None])
+    seed = tf.constant([0, 5], tf.int64)
+    strong = Augmentation("strong")
+    a = train.augment(gray, seed, strong).numpy()
+    assert a.shape == gray.shape and a.min() >= 0.0 and a.max() <= 255.0
+    np.testing.assert_array_equal(a, train.augment(gray, seed, strong).numpy())
+    mild = train.augment(gray, seed).numpy()
+    original = gray.numpy()
+    # Further from the original than mild, still far closer than another X-ray is.
+    assert np.abs(a - original).mean() > np.abs(mild - original).mean()
+    assert np.abs(a - original).mean() < np.abs(original[0] - original[1]).mean() + 40
+
+    # Noise and sharpening change neighbouring-pixel differences, which mild leaves alone.
+    def roughness(x: np.ndarray) -> np.ndarray:
+        return np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))
+
+    assert not np.allclose(roughness(a), roughness(mild), rtol=0.05)
+
+
 def test_train_dataset_follows_the_epoch_orders() -> None:
     gray = _gray_batch()
     y = np.array([1, 0, 1], np.float32)
     orders = np.stack([data.epoch_order(3, e, seed=0) for e in range(2)])
-    batches = list(train.train_dataset(gray, y, np.ones(3, np.float32), orders, 2, 0, 0, False))
+    batches = list(
+        train.train_dataset(gray, y, np.ones(3, np.float32), orders, 2, 0, 0, Augmentation())
+    )
     assert [len(b[1]) for b in batches] == [2, 1, 2, 1]
     labels = np.concatenate([b[1].numpy().ravel() for b in batches])
     np.testing.assert_array_equal(labels, y[orders.ravel()])

@@ -21,6 +21,7 @@ from ml.train_adversary import (
     adversarial_model,
     source_indices,
 )
+from ml.train_data import Augmentation
 from tests.conftest import CXR_DIR
 from tests.ml.test_train import TINY, _train
 
@@ -117,7 +118,7 @@ def test_train_dataset_carries_sources_for_the_adversary() -> None:
     weights = np.array([2.0, 0.5, 2.0], np.float32)
     sources = np.array([5, 6, 7], np.int32)
     (inputs, targets, sw), *_ = list(
-        train.train_dataset(gray, y, weights, orders, 3, 0, 0, False, sources)
+        train.train_dataset(gray, y, weights, orders, 3, 0, 0, Augmentation(), sources)
     )
     assert inputs["image"].shape == (3, 32, 32, 3)
     assert inputs["label"].numpy().ravel().tolist() == [1.0, 1.0, 0.0]
