@@ -48,3 +48,8 @@ def workers_online(timeout: float = 1.0) -> list[str]:
     """Hostnames of workers that answer a ping within the timeout."""
     replies = celery_app().control.ping(timeout=timeout) or []
     return sorted(name for reply in replies for name in reply)
+
+
+def worker_stats(timeout: float = 1.0) -> dict[str, dict]:
+    """Each answering worker's `inspect stats` reply, by hostname."""
+    return celery_app().control.inspect(timeout=timeout).stats() or {}

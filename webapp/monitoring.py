@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from webapp.broker import celery_app, queue_depth
+from webapp.broker import queue_depth, worker_stats
 
 log = logging.getLogger(__name__)
 PROCESS_STUDY = "worker.tasks.process_study"
@@ -23,7 +23,7 @@ def queue_depth_now() -> int | None:
 def workers(timeout: float = 1.0) -> list[dict[str, Any]] | None:
     """Workers that answer `inspect stats`: hostname, concurrency, studies processed since start."""
     try:
-        replies = celery_app().control.inspect(timeout=timeout).stats() or {}
+        replies = worker_stats(timeout)
     except Exception as exc:
         log.warning("event=inspect_failed error=%s", type(exc).__name__)
         return None
