@@ -186,8 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mixed-precision",
         choices=("auto", "off", "fp16", "bf16"),
         default="auto",
-        help="auto: fp16 on a GPU, off (float32) on CPU; bf16 speeds up CPUs with AMX or "
-        "AVX512-BF16. The artifact is always float32-served (default: %(default)s)",
+        help="auto: fp16 on a GPU; on a CPU, bf16 where it has AMX or AVX512-BF16, else off "
+        "(float32: without those, bf16 is emulated and slower than float32). The artifact "
+        "is always float32-served (default: %(default)s)",
     )
     g.add_argument(
         "--run-eagerly",
@@ -215,6 +216,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bfloat16 natively (AMX or AVX512-BF16; Linux's flags)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def run(args: argparse.Namespace) -> ModelMetadata:
     """Everything main() does, raising TrainingError for user mistakes."""
     out = Path(args.out)
@@ -223,9 +235,9 @@ def run(args: argparse.Namespace) -> ModelMetadata:
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
-    precision = (
-        args.mixed_precision if args.mixed_precision != "auto" else ("fp16" if gpus else "off")
-    )
+    precision = args.mixed_precision
+    if precision == "auto":
+        precision = "fp16" if gpus else ("bf16" if cpu_has_bf16() else "off")
     policy = {"off": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}[precision]
     batch_size = args.batch_size or (64 if gpus else 32)
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)

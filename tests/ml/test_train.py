@@ -177,6 +177,14 @@ def test_out_dir_is_not_clobbered_and_resume_must_match(
     assert (out / "checkpoint" / "last.weights.h5").is_file()
 
 
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_it() -> None:
+    assert train.cpu_has_bf16("flags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_tile\n")
+    assert train.cpu_has_bf16("flags : sse amx_bf16 amx_tile\nbugs : spectre\n")
+    # AVX2-only EPYC: bf16 would be emulated, several times slower than float32.
+    assert not train.cpu_has_bf16("flags\t\t: fpu avx avx2 fma\nbugs\t\t: sysret_ss_attrs\n")
+    assert not train.cpu_has_bf16("model name : avx512_bf16 in a name is not a flag\n")
+
+
 def test_help_explains_the_options(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:
         train.parse_args(["--help"])
