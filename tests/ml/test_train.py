@@ -26,16 +26,22 @@ PATIENT_NAMESPACES = ("hannover:", "nihcxr8:", "ieee8023:", "kermany:", "linked:
 TINY = ["--input-size", "32", "--batch-size", "8", "--run-eagerly", "--verbose", "2"]
 
 
-def _tiny_manifest(path: Path) -> Path:
-    """12 COVID (Hannover) and 12 non-COVID (NIH) real X-rays, one per patient."""
+def _tiny_manifest(
+    path: Path,
+    sources: tuple[str, ...] = ("hannover-mhh", "nih-chestxray8-subset"),
+    per_source: int = 12,
+) -> Path:
+    """Real X-rays, one per patient, per_source from each source (default: 12 COVID from
+    Hannover, 12 non-COVID from NIH); images without a patient id count as their own."""
     with open(CXR_DIR / "manifest.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     chosen = []
-    for source in ("hannover-mhh", "nih-chestxray8-subset"):
+    for source in sources:
         seen: set[str] = set()
         for row in rows:
-            if row["source"] == source and row["patient_id"] not in seen and len(seen) < 12:
-                seen.add(row["patient_id"])
+            key = row["patient_id"] or row["file"]
+            if row["source"] == source and key not in seen and len(seen) < per_source:
+                seen.add(key)
                 chosen.append({**row, "file": str(CXR_DIR / row["file"])})
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -1,6 +1,5 @@
 """Tests for ml.train --source-adversary: the reversal layer, the data it sees, a tiny real run."""
 
-import csv
 import json
 from pathlib import Path
 
@@ -23,28 +22,10 @@ from ml.train_adversary import (
 )
 from ml.train_data import Augmentation
 from tests.conftest import CXR_DIR
-from tests.ml.test_train import TINY, _train
+from tests.ml.test_train import TINY, _tiny_manifest, _train
 
 # Two collections per class, so that the adversary has something to tell apart in each.
 SOURCES = ("hannover-mhh", "covid-cxnet", "nih-chestxray8-subset", "kermany-pediatric")
-
-
-def _two_sources_per_class(path: Path, per_source: int = 8) -> Path:
-    with open(CXR_DIR / "manifest.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    chosen = []
-    for source in SOURCES:
-        seen: set[str] = set()
-        for row in rows:
-            key = row["patient_id"] or row["file"]  # covid-cxnet has no patient ids
-            if row["source"] == source and key not in seen and len(seen) < per_source:
-                seen.add(key)
-                chosen.append({**row, "file": str(CXR_DIR / row["file"])})
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(chosen)
-    return path
 
 
 def test_gradient_reversal_is_identity_forward_and_negates_backward() -> None:
@@ -133,7 +114,7 @@ def test_train_dataset_carries_sources_for_the_adversary() -> None:
 @pytest.fixture(scope="module")
 def adversarial_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("adversary")
-    manifest = _two_sources_per_class(root / "manifest.csv")
+    manifest = _tiny_manifest(root / "manifest.csv", SOURCES, per_source=8)
     out = root / "model"
     proc = _train(
         "--manifest", str(manifest), "--out", str(out), "--epochs", "1",
