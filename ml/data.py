@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ml.imaging import decode_image
 from ml.preprocess import PREPROCESS_VERSION, preprocess_gray
 
 SPLITS = ("train", "val", "test")
@@ -21,6 +20,16 @@ MANIFEST_FILE = "manifest.csv"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 # Folder names people give the positive class; all are stored as the label "covid".
 _COVID_ALIASES = {"covid", "covid-19", "covid19", "covid_19"}
+
+# Training augmentation strengths (ml.train_data, ml.train_portable): rotation in degrees;
+# shift, zoom, brightness, contrast as fractions. Mild: a radiograph's position varies
+# little. Strong (--augment strong) also varies what differs between collections rather
+# than patients: exposure curve (gamma), sharpness (scanner and compression) and noise.
+STRENGTHS = {
+    "mild": (7.0, 0.06, 0.08, 0.05, 0.10),
+    "strong": (15.0, 0.10, 0.15, 0.10, 0.25),
+}
+GAMMA, SHARPNESS, NOISE = 1.5, 1.0, 6.0  # strong only: gamma in [1/1.5, 1.5], noise sd <= 6
 
 
 @dataclass(frozen=True)
@@ -248,6 +257,8 @@ def load_gray_images(
     ml.preprocess.to_caffe of row i equals ml.preprocess.preprocess(image i): the model
     sees exactly what serving would give it.
     """
+    from ml.imaging import decode_image  # pydicom: only where images are decoded
+
     out = np.empty((len(records), size, size), dtype=np.float32)
     for i, r in enumerate(records):
         try:
@@ -282,7 +293,12 @@ def source_balanced_probabilities(records: Sequence[Record]) -> np.ndarray:
     The sources of this data set are confounded with the label; drawing each (source,
     class) group equally often keeps the big single-class sources from dominating.
     """
-    groups = [(r.target, r.source) for r in records]
+    return group_balanced_probabilities([r.target for r in records], [r.source for r in records])
+
+
+def group_balanced_probabilities(targets: Sequence[int], sources: Sequence) -> np.ndarray:
+    """source_balanced_probabilities for parallel sequences of targets and source labels."""
+    groups = list(zip(targets, sources, strict=True))
     size = Counter(groups)
     sources_per_class = Counter(target for target, _ in size)
     p = np.array([0.5 / sources_per_class[g[0]] / size[g] for g in groups])

@@ -21,15 +21,8 @@ from ml.preprocess import IMAGENET_BGR_MEAN
 from ml.train_adversary import ADVERSARY_LAYER, LABEL_INPUT
 from ml.train_log import TrainingError
 
-# Augmentation strengths (rotation in degrees; shift, zoom, brightness, contrast as fractions).
-# Mild: a radiograph's position varies little. Strong (--augment strong) also varies what
-# differs between collections rather than patients: exposure curve (gamma), sharpness
-# (scanner and compression) and noise.
-STRENGTHS = {
-    "mild": (7.0, 0.06, 0.08, 0.05, 0.10),
-    "strong": (15.0, 0.10, 0.15, 0.10, 0.25),
-}
-GAMMA, SHARPNESS, NOISE = 1.5, 1.0, 6.0  # strong only: gamma in [1/1.5, 1.5], noise sd <= 6
+# Augmentation strengths: ml.data.STRENGTHS (shared with ml.train_portable).
+STRENGTHS, GAMMA, SHARPNESS, NOISE = data.STRENGTHS, data.GAMMA, data.SHARPNESS, data.NOISE
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,8 @@ def test_split_file_is_patient_disjoint(first_run: tuple, manifest: Path) -> Non
 def test_config_records_arguments_and_versions(first_run: tuple) -> None:
     config = json.loads((first_run[0] / "training_config.json").read_text())
     assert config["args"]["input_size"] == 32 and config["seed"] == 0
-    assert config["resolved"] == {"batch_size": 8, "dtype_policy": "float32", "verbose": 2}
+    policy = "mixed_bfloat16" if train.cpu_has_bf16() else "float32"  # --mixed-precision auto
+    assert config["resolved"] == {"batch_size": 8, "dtype_policy": policy, "verbose": 2}
     assert config["versions"]["tensorflow"] == tf.__version__ and config["versions"]["keras"]
 
 
