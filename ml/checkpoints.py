@@ -50,6 +50,7 @@ RESUME_MUST_MATCH = (
     "limit",
     "balance_sources",
     "source_adversary",
+    "adversary_ramp",
 )
 
 

@@ -156,6 +156,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "telling the collections of a class apart",
     )
     g.add_argument(
+        "--adversary-ramp",
+        action="store_true",
+        help="with --source-adversary: grow the reversal from 0 in the first epoch to SCALE "
+        "(the domain-adversarial schedule), so the adversary learns before the backbone "
+        "must answer it",
+    )
+    g.add_argument(
         "--augment",
         choices=("mild", "strong"),
         default="mild",
@@ -211,6 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch-size and --limit must be positive")
     if args.source_adversary < 0:
         p.error("--source-adversary must not be negative")
+    if args.adversary_ramp and not args.source_adversary:
+        p.error("--adversary-ramp needs --source-adversary")
     if not 0.0 < args.target_sensitivity <= 1.0:
         p.error("--target-sensitivity must lie in (0, 1]")
     return args
@@ -298,6 +307,7 @@ def run(args: argparse.Namespace) -> ModelMetadata:
         "images_without_patient_id": "train only",
         "balance_sources": args.balance_sources,
         "source_adversary": args.source_adversary,
+        "adversary_ramp": args.adversary_ramp,
         "augment": args.augment,
         "input_size": args.input_size,
         "seed": args.seed,

@@ -20,6 +20,7 @@ from ml.checkpoints import CHECKPOINT_DIR, NEW_STATE, EpochCheckpoint, restore_r
 from ml.model import OUTPUT_LAYER, architecture, build_resnet50
 from ml.train_adversary import (
     ADVERSARY_LAYER,
+    AdversaryRamp,
     AliasLogs,
     adversarial_model,
     compile_args,
@@ -28,7 +29,13 @@ from ml.train_adversary import (
 from ml.train_data import Augmentation, eval_dataset, train_dataset
 from ml.train_log import TrainingError, log
 
-HEAD_LAYERS = ("head_dropout", OUTPUT_LAYER, "adversary_hidden", ADVERSARY_LAYER)
+HEAD_LAYERS = (
+    "head_dropout",
+    OUTPUT_LAYER,
+    "adversary_norm",
+    "adversary_hidden",
+    ADVERSARY_LAYER,
+)
 
 
 def _set_phase(model: keras.Model, phase: str) -> None:
@@ -156,6 +163,11 @@ def fit(
         )
         callbacks = [
             *([AliasLogs()] if args.source_adversary else []),
+            *(
+                [AdversaryRamp(args.epochs)]
+                if args.source_adversary and args.adversary_ramp
+                else []
+            ),
             keras.callbacks.ReduceLROnPlateau(
                 "val_auc",
                 mode="max",

@@ -15,6 +15,7 @@ from ml.model import OUTPUT_LAYER, build_resnet50
 from ml.predictor import Predictor
 from ml.train_adversary import (
     ADVERSARY_LAYER,
+    AdversaryRamp,
     AliasLogs,
     GradientReversal,
     adversarial_model,
@@ -38,6 +39,22 @@ def test_gradient_reversal_is_identity_forward_and_negates_backward() -> None:
     np.testing.assert_array_equal(y.numpy(), x.numpy())
     np.testing.assert_allclose(tape.gradient(loss, x).numpy(), [[-0.25, -0.5, -1.0]])
     assert GradientReversal.from_config(layer.get_config()).scale == 0.25
+
+
+def test_ramp_scales_the_reversed_gradient_on_the_domain_adversarial_schedule() -> None:
+    layer = GradientReversal(2.0)
+    ramp = AdversaryRamp(epochs=10)
+    assert ramp.value(0.0) == 0.0 and 0.99 < ramp.value(1.0) < 1.0
+    assert ramp.value(0.1) == pytest.approx(2 / (1 + np.exp(-1.0)) - 1)
+    x = tf.constant([[1.0, -2.0]])
+    for value in (0.0, 0.5):
+        layer.ramp.assign(value)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x))
+        np.testing.assert_allclose(tape.gradient(loss, x).numpy(), [[-2.0 * value] * 2])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--manifest", "m", "--out", "o", "--adversary-ramp"])
 
 
 def test_adversary_sees_the_label_and_pushes_the_backbone_away() -> None:
@@ -118,7 +135,7 @@ def adversarial_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str
     out = root / "model"
     proc = _train(
         "--manifest", str(manifest), "--out", str(out), "--epochs", "1",
-        "--source-adversary", "0.5", *TINY,
+        "--source-adversary", "0.5", "--adversary-ramp", *TINY,
     )  # fmt: skip
     return out, proc.stdout
 
@@ -132,6 +149,7 @@ def test_tiny_adversarial_run_exports_the_plain_classifier(adversarial_run: tupl
     assert 0.0 <= epoch[f"val_{ADVERSARY_LAYER}_accuracy"] <= 1.0
     meta = read_metadata(out)
     assert meta.training_data["source_adversary"] == 0.5
+    assert meta.training_data["adversary_ramp"] is True
     # The artifact holds the classifier alone, and the service loads it.
     plain = build_resnet50(32)
     shapes = [a.shape for a in load_weight_arrays(out, meta)]
