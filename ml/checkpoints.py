@@ -51,6 +51,7 @@ RESUME_MUST_MATCH = (
     "balance_sources",
     "source_adversary",
     "adversary_ramp",
+    "adversary_loss",
 )
 
 

@@ -156,6 +156,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "telling the collections of a class apart",
     )
     g.add_argument(
+        "--adversary-loss",
+        choices=("reversal", "confusion"),
+        default="reversal",
+        help="with --source-adversary: how the backbone answers the adversary. reversal: "
+        "gradient reversal (maximise its loss; unbounded); confusion: make its output match "
+        "the per-class source prior (bounded). Default: %(default)s",
+    )
+    g.add_argument(
         "--adversary-ramp",
         action="store_true",
         help="with --source-adversary: grow the reversal from 0 in the first epoch to SCALE "
@@ -218,8 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch-size and --limit must be positive")
     if args.source_adversary < 0:
         p.error("--source-adversary must not be negative")
-    if args.adversary_ramp and not args.source_adversary:
-        p.error("--adversary-ramp needs --source-adversary")
+    if (args.adversary_ramp or args.adversary_loss != "reversal") and not args.source_adversary:
+        p.error("--adversary-ramp and --adversary-loss need --source-adversary")
     if not 0.0 < args.target_sensitivity <= 1.0:
         p.error("--target-sensitivity must lie in (0, 1]")
     return args
@@ -308,6 +316,7 @@ def run(args: argparse.Namespace) -> ModelMetadata:
         "balance_sources": args.balance_sources,
         "source_adversary": args.source_adversary,
         "adversary_ramp": args.adversary_ramp,
+        "adversary_loss": args.adversary_loss,
         "augment": args.augment,
         "input_size": args.input_size,
         "seed": args.seed,

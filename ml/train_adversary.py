@@ -60,22 +60,79 @@ def source_indices(records: Sequence[data.Record]) -> tuple[np.ndarray, list[str
     return np.array([index[r.source] for r in records], dtype=np.int32), names
 
 
-def adversarial_model(classifier: keras.Model, n_sources: int, scale: float) -> keras.Model:
+class SourceConfusion(keras.layers.Layer):
+    """--adversary-loss confusion: a bounded objective for the backbone (Tzeng et al. 2015).
+
+    Applies the adversary head's current weights, held fixed, to the features and adds
+    scale * ramp * cross-entropy(per-class source prior, adversary output) to the loss: the
+    backbone is pushed to make the adversary *unsure*, as unsure as the label alone leaves
+    it, rather than confidently wrong (which an unbounded reversed loss rewards). The
+    adversary itself learns on stopped features. Passes the features through unchanged.
+    """
+
+    def __init__(self, head: tuple, priors: np.ndarray, scale: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.scale = float(scale)
+        self.priors = np.asarray(priors, dtype=np.float32)
+        self._head = lambda: head  # shared layers: not tracked twice
+        self.ramp = self.add_weight(
+            shape=(), initializer="ones", trainable=False, name="ramp", dtype="float32"
+        )
+
+    def call(self, inputs: list, training: bool | None = None) -> tf.Tensor:
+        features, label = inputs
+        if training:
+            norm, hidden, output = self._head()
+            sg = tf.stop_gradient
+            x = tf.cast(features, "float32")
+            mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+            x = (x - mean) * tf.math.rsqrt(var + norm.epsilon) * sg(norm.gamma) + sg(norm.beta)
+            x = tf.concat([x, tf.cast(label, "float32")], axis=-1)
+            x = tf.nn.relu(x @ sg(hidden.kernel) + sg(hidden.bias))
+            log_p = tf.nn.log_softmax(x @ sg(output.kernel) + sg(output.bias))
+            target = tf.gather(tf.constant(self.priors), tf.cast(label[:, 0], tf.int32))
+            confusion = -tf.reduce_mean(tf.reduce_sum(target * log_p, axis=-1))
+            self.add_loss(self.scale * tf.convert_to_tensor(self.ramp) * confusion)
+        return features
+
+    def compute_output_shape(self, input_shape: list) -> tuple:
+        return input_shape[0]
+
+
+def source_priors(targets: np.ndarray, sources: np.ndarray, n_sources: int) -> np.ndarray:
+    """(2, n_sources): the share of each source among the training images of each class."""
+    counts = np.zeros((2, n_sources), dtype=np.float64)
+    np.add.at(counts, (np.asarray(targets, np.intp), np.asarray(sources, np.intp)), 1.0)
+    return (counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)).astype(np.float32)
+
+
+def adversarial_model(
+    classifier: keras.Model, n_sources: int, scale: float, priors: np.ndarray | None = None
+) -> keras.Model:
     """The training model: classifier's inputs plus the label, its output plus the adversary.
 
-    Shares every layer with classifier, so training it trains classifier.
+    Shares every layer with classifier, so training it trains classifier. Without priors the
+    backbone is trained against the adversary by gradient reversal; with them (per-class
+    source priors, source_priors) by SourceConfusion.
     """
     features = classifier.get_layer("head_dropout").input  # the pooled backbone output
     label = keras.Input(shape=(1,), name=LABEL_INPUT)
-    x = GradientReversal(scale, name="gradient_reversal")(features)
     # Pooled ReLU features have no fixed scale: normalised, they give the adversary an even
     # start (without this, its source accuracy stayed below what the label alone gives).
-    x = keras.layers.LayerNormalization(name="adversary_norm", dtype="float32")(x)
-    x = keras.layers.Concatenate(name="adversary_input")([x, label])
-    x = keras.layers.Dense(256, activation="relu", name="adversary_hidden")(x)
-    source = keras.layers.Dense(
+    norm = keras.layers.LayerNormalization(name="adversary_norm", dtype="float32")
+    hidden = keras.layers.Dense(256, activation="relu", name="adversary_hidden")
+    output = keras.layers.Dense(
         n_sources, activation="softmax", name=ADVERSARY_LAYER, dtype="float32"
-    )(x)
+    )
+    if priors is None:
+        x = GradientReversal(scale, name="gradient_reversal")(features)
+    else:
+        x = SourceConfusion((norm, hidden, output), priors, scale, name="source_confusion")(
+            [features, label]
+        )
+        x = keras.layers.Lambda(keras.ops.stop_gradient, name="adversary_stop")(x)
+    x = keras.layers.Concatenate(name="adversary_input")([norm(x), label])
+    source = output(hidden(x))
     return keras.Model(
         {"image": classifier.input, LABEL_INPUT: label},
         {OUTPUT_LAYER: classifier.output, ADVERSARY_LAYER: source},
@@ -115,7 +172,9 @@ class AdversaryRamp(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         ramp = self.value(epoch / self.epochs)
-        self.model.get_layer("gradient_reversal").ramp.assign(ramp)
+        for layer in self.model.layers:
+            if layer.name in ("gradient_reversal", "source_confusion"):
+                layer.ramp.assign(ramp)
 
 
 class AliasLogs(keras.callbacks.Callback):

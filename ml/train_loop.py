@@ -25,6 +25,7 @@ from ml.train_adversary import (
     adversarial_model,
     compile_args,
     source_indices,
+    source_priors,
 )
 from ml.train_data import Augmentation, eval_dataset, train_dataset
 from ml.train_log import TrainingError, log
@@ -100,9 +101,18 @@ def fit(
     if args.source_adversary:
         ids, names = source_indices([*records, *split["val"]])
         sources, val_sources = ids[: len(records)], ids[len(records) :]
-        training = adversarial_model(model, len(names), args.source_adversary)
+        priors = None
+        if args.adversary_loss == "confusion":
+            targets = np.array([r.target for r in records])
+            priors = source_priors(targets, sources, len(names))
+        training = adversarial_model(model, len(names), args.source_adversary, priors)
         compiled = compile_args()
-        log("adversary", sources=len(names), scale=args.source_adversary)
+        log(
+            "adversary",
+            sources=len(names),
+            scale=args.source_adversary,
+            loss=args.adversary_loss,
+        )
     y = np.array([r.target for r in records], dtype=np.float32)
     if args.balance_sources:
         sampling, weights = data.source_balanced_probabilities(records), np.ones_like(y)
