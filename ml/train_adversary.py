@@ -127,9 +127,11 @@ def adversarial_model(
     if priors is None:
         x = GradientReversal(scale, name="gradient_reversal")(features)
     else:
-        x = SourceConfusion((norm, hidden, output), priors, scale, name="source_confusion")(
-            [features, label]
+        # float32: no autocasting of the head's weights to a mixed policy's bfloat16 here.
+        confusion = SourceConfusion(
+            (norm, hidden, output), priors, scale, name="source_confusion", dtype="float32"
         )
+        x = confusion([features, label])
         x = keras.layers.Lambda(keras.ops.stop_gradient, name="adversary_stop")(x)
     x = keras.layers.Concatenate(name="adversary_input")([norm(x), label])
     source = output(hidden(x))

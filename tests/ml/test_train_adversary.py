@@ -20,6 +20,7 @@ from ml.train_adversary import (
     GradientReversal,
     adversarial_model,
     source_indices,
+    source_priors,
 )
 from ml.train_data import Augmentation
 from tests.conftest import CXR_DIR
@@ -89,6 +90,37 @@ def test_adversary_sees_the_label_and_pushes_the_backbone_away() -> None:
     assert model.get_layer("adversary_hidden").kernel.shape[0] == 2048 + 1
 
 
+def test_confusion_pushes_the_backbone_towards_the_prior_and_leaves_the_adversary_alone() -> None:
+    priors = source_priors(np.array([0, 0, 1, 1, 1]), np.array([0, 1, 2, 2, 1]), 3)
+    np.testing.assert_allclose(priors, [[0.5, 0.5, 0.0], [0.0, 1 / 3, 2 / 3]], rtol=1e-6)
+    classifier = build_resnet50(32, seed=0)
+    model = adversarial_model(classifier, n_sources=3, scale=1.0, priors=priors)
+    image = tf.random.stateless_uniform((4, 32, 32, 3), seed=(1, 2), maxval=100.0)
+    inputs = {"image": image, "label": tf.constant([[1.0], [0.0], [1.0], [0.0]])}
+    last_conv = classifier.get_layer("conv5_block3_3_conv").kernel
+    adversary = model.get_layer(ADVERSARY_LAYER).kernel
+    with tf.GradientTape(persistent=True) as tape:
+        out = model(inputs, training=True)
+        own = keras.losses.SparseCategoricalCrossentropy()(
+            tf.constant([0, 1, 2, 1]), out[ADVERSARY_LAYER]
+        )
+        (confusion,) = model.losses
+    # The adversary learns from its own loss on stopped features; the backbone only from
+    # the confusion term, which never moves the adversary's weights.
+    assert tape.gradient(own, last_conv) is None
+    assert np.abs(tape.gradient(own, adversary).numpy()).max() > 0
+    assert np.abs(tape.gradient(confusion, last_conv).numpy()).max() > 0
+    assert tape.gradient(confusion, adversary) is None
+    # Bounded below by the prior's entropy (reached when the adversary is as unsure as the
+    # label alone leaves it); no confusion term at inference.
+    entropy = -np.mean([np.sum(p[p > 0] * np.log(p[p > 0])) for p in priors[[1, 0, 1, 0]]])
+    assert float(confusion) >= entropy - 1e-5
+    model(inputs, training=False)
+    assert not model.losses
+    with pytest.raises(SystemExit):
+        train.parse_args(["--manifest", "m", "--out", "o", "--adversary-loss", "confusion"])
+
+
 def test_source_indices_and_alias_logs() -> None:
     records = [
         data.Record(Path(f"{i}.png"), "covid", 1, source, None, "PA")
@@ -135,14 +167,15 @@ def adversarial_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str
     out = root / "model"
     proc = _train(
         "--manifest", str(manifest), "--out", str(out), "--epochs", "1",
-        "--source-adversary", "0.5", "--adversary-ramp", *TINY,
+        "--source-adversary", "0.5", "--adversary-loss", "confusion", "--adversary-ramp",
+        *TINY,
     )  # fmt: skip
     return out, proc.stdout
 
 
 def test_tiny_adversarial_run_exports_the_plain_classifier(adversarial_run: tuple) -> None:
     out, stdout = adversarial_run
-    assert "event=adversary sources=4 scale=0.5" in stdout
+    assert "event=adversary sources=4 scale=0.5 loss=confusion" in stdout
     epoch = json.loads((out / "history.json").read_text())["epochs"][0]
     assert epoch["loss"] == epoch[f"{OUTPUT_LAYER}_loss"] < epoch["total_loss"]
     assert epoch["val_auc"] == epoch[f"val_{OUTPUT_LAYER}_auc"]
@@ -150,6 +183,7 @@ def test_tiny_adversarial_run_exports_the_plain_classifier(adversarial_run: tupl
     meta = read_metadata(out)
     assert meta.training_data["source_adversary"] == 0.5
     assert meta.training_data["adversary_ramp"] is True
+    assert meta.training_data["adversary_loss"] == "confusion"
     # The artifact holds the classifier alone, and the service loads it.
     plain = build_resnet50(32)
     shapes = [a.shape for a in load_weight_arrays(out, meta)]
