@@ -90,3 +90,13 @@ def test_overlay_blends_heatmap_colours() -> None:
 def test_overlay_rejects_non_2d() -> None:
     with pytest.raises(ValueError, match="2-D"):
         overlay_png(np.zeros((8, 8, 3), np.float32), np.zeros((2, 2), np.float32))
+
+
+def test_overlay_compression_level_changes_bytes_not_pixels() -> None:
+    from ml.overlay import PNG_COMPRESS_LEVEL
+
+    pixels = np.tile(np.linspace(0.0, 1.0, 300, dtype=np.float32), (200, 1))
+    heat = np.outer(np.hanning(7), np.hanning(7)).astype(np.float32)
+    fast, small = overlay_png(pixels, heat), overlay_png(pixels, heat, compress_level=9)
+    assert PNG_COMPRESS_LEVEL == 1 and fast != small
+    np.testing.assert_array_equal(np.asarray(_decode(fast)), np.asarray(_decode(small)))
