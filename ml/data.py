@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,36 @@ STRENGTHS = {
     "strong": (15.0, 0.10, 0.15, 0.10, 0.25),
 }
 GAMMA, SHARPNESS, NOISE = 1.5, 1.0, 6.0  # strong only: gamma in [1/1.5, 1.5], noise sd <= 6
+
+
+def affine_rows(u, height, width, strength: str, xp):
+    """The projective-transform rows of the augmentation's random affine, one per image.
+
+    u holds uniform draws in [-1, 1] (columns 0-3: rotation, zoom, x and y shift); xp is
+    the array namespace of u (tensorflow in ml.train_data, keras.ops in ml.train_portable).
+    Each row maps an output pixel to the input pixel it samples: rotate and zoom about the
+    centre, then shift.
+    """
+    rotation, shift, zoom = STRENGTHS[strength][:3]
+    angle = u[:, 0] * (rotation * math.pi / 180.0)
+    inv_zoom = 1.0 / (1.0 + u[:, 1] * zoom)
+    cos, sin = xp.cos(angle) * inv_zoom, xp.sin(angle) * inv_zoom
+    cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+    tx, ty = u[:, 2] * shift * width, u[:, 3] * shift * height
+    zero = xp.zeros_like(cos)
+    return xp.stack(
+        [
+            cos,
+            -sin,
+            cx - cos * cx + sin * cy - tx,
+            sin,
+            cos,
+            cy - sin * cx - cos * cy - ty,
+            zero,
+            zero,
+        ],
+        axis=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -282,7 +313,12 @@ def limit_per_class(records: Sequence[Record], n: int) -> list[Record]:
 
 def class_weights(records: Sequence[Record]) -> np.ndarray:
     """Per-image loss weights that give both classes the same total weight."""
-    y = np.array([r.target for r in records], dtype=np.intp)
+    return target_class_weights([r.target for r in records])
+
+
+def target_class_weights(targets: Sequence[int] | np.ndarray) -> np.ndarray:
+    """class_weights for a sequence of 0/1 targets."""
+    y = np.asarray(targets, dtype=np.intp)
     counts = np.bincount(y, minlength=2)
     return (len(y) / (2.0 * counts[y])).astype(np.float32)
 

@@ -72,31 +72,11 @@ def augment(gray: tf.Tensor, seed: tf.Tensor, aug: Augmentation = MILD) -> tf.Te
     Works on grey levels in [0, 255] of shape (B, H, W, 1), before the caffe mean is taken
     off, so clipping to the valid range stays simple. Stateless: seed fixes the result.
     """
-    rotation, shift, zoom, brightness, contrast = STRENGTHS[aug.strength]
+    brightness, contrast = STRENGTHS[aug.strength][3:]
     shape = tf.shape(gray)
     h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
     u = tf.random.stateless_uniform([shape[0], 7], seed=seed, minval=-1.0, maxval=1.0)
-    angle = u[:, 0] * (rotation * math.pi / 180.0)
-    inv_zoom = 1.0 / (1.0 + u[:, 1] * zoom)
-    cos, sin = tf.cos(angle) * inv_zoom, tf.sin(angle) * inv_zoom
-    cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
-    tx, ty = u[:, 2] * shift * w, u[:, 3] * shift * h
-    zero = tf.zeros_like(cos)
-    # Each row maps an output pixel to the input pixel it samples: rotate and zoom about the
-    # centre, then shift.
-    transforms = tf.stack(
-        [
-            cos,
-            -sin,
-            cx - cos * cx + sin * cy - tx,
-            sin,
-            cos,
-            cy - sin * cx - cos * cy - ty,
-            zero,
-            zero,
-        ],
-        axis=1,
-    )
+    transforms = data.affine_rows(u, h, w, aug.strength, tf)
     out = tf.raw_ops.ImageProjectiveTransformV3(
         images=gray,
         transforms=transforms,

@@ -33,12 +33,14 @@ from ml.data import (  # noqa: E402
     NOISE,
     SHARPNESS,
     STRENGTHS,
+    affine_rows,
     epoch_order,
     group_balanced_probabilities,
+    target_class_weights,
 )
 from ml.model import architecture, build_resnet50  # noqa: E402
 from ml.pack import HELDOUT, PACKED_SPLITS, Pack, read_pack  # noqa: E402
-from ml.preprocess import IMAGENET_BGR_MEAN  # noqa: E402
+from ml.preprocess import IMAGENET_BGR_MEAN, to_caffe  # noqa: E402
 
 WEIGHTS_FILE = "classifier_weights.npz"
 RUN_FILE = "run.json"
@@ -60,29 +62,10 @@ class Augment(keras.layers.Layer):
         gray = ops.cast(gray, "float32")
         if not training:
             return gray
-        rotation, shift, zoom, brightness, contrast = STRENGTHS[self.strength]
+        brightness, contrast = STRENGTHS[self.strength][3:]
         shape = ops.shape(gray)
-        h, w = float(shape[1]), float(shape[2])
         u = keras.random.uniform((shape[0], 6), -1.0, 1.0, seed=self.seed_generator)
-        angle = u[:, 0] * (rotation * math.pi / 180.0)
-        inv_zoom = 1.0 / (1.0 + u[:, 1] * zoom)
-        cos, sin = ops.cos(angle) * inv_zoom, ops.sin(angle) * inv_zoom
-        cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
-        tx, ty = u[:, 2] * shift * w, u[:, 3] * shift * h
-        zero = ops.zeros_like(cos)
-        transform = ops.stack(
-            [
-                cos,
-                -sin,
-                cx - cos * cx + sin * cy - tx,
-                sin,
-                cos,
-                cy - sin * cx - cos * cy - ty,
-                zero,
-                zero,
-            ],
-            axis=1,
-        )
+        transform = affine_rows(u, float(shape[1]), float(shape[2]), self.strength, ops)
         out = ops.image.affine_transform(
             gray,
             transform,
@@ -261,8 +244,7 @@ def train(pack: Pack, args: argparse.Namespace) -> dict:
         jit_compile="auto",
     )
     x, y = pack.gray["train"][..., None], pack.target["train"].astype(np.float32)
-    counts = np.bincount(pack.target["train"], minlength=2)
-    weights = (len(y) / (2.0 * counts[pack.target["train"]])).astype(np.float32)
+    weights = target_class_weights(pack.target["train"])
     val = (pack.gray["val"][..., None], pack.target["val"].astype(np.float32)[:, None])
     keeper = BestAndDeadline(classifier, args.patience, args.time_budget_s)
     plateau = keras.callbacks.ReduceLROnPlateau(
@@ -350,9 +332,7 @@ def score_heldout(
         return None
     from ml.metrics import auroc
 
-    gray = pack.gray[HELDOUT][..., None].astype(np.float32)
-    caffe = np.concatenate([gray] * 3, axis=-1) - np.asarray(IMAGENET_BGR_MEAN, np.float32)
-    scores = classifier.predict(caffe, batch_size=batch_size, verbose=0)
+    scores = classifier.predict(to_caffe(pack.gray[HELDOUT]), batch_size=batch_size, verbose=0)
     y = pack.target[HELDOUT]
     result = {
         "source": source,
