@@ -241,15 +241,24 @@ def split_summary(split: dict[str, list[Record]]) -> dict:
     }
 
 
-def write_split(split: dict[str, list[Record]], path: str | Path) -> str:
-    """Write the split as CSV "file,split"; return the sha256 hex of the file."""
+def _split_csv(split: dict[str, list[Record]]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["file", "split"])
     for name in SPLITS:
         for r in split.get(name, []):
             writer.writerow([r.key, name])
-    data = buf.getvalue().encode("utf-8")
+    return buf.getvalue().encode("utf-8")
+
+
+def split_sha256(split: dict[str, list[Record]]) -> str:
+    """The sha256 hex of the file write_split would write for this split."""
+    return hashlib.sha256(_split_csv(split)).hexdigest()
+
+
+def write_split(split: dict[str, list[Record]], path: str | Path) -> str:
+    """Write the split as CSV "file,split"; return the sha256 hex of the file."""
+    data = _split_csv(split)
     Path(path).write_bytes(data)
     return hashlib.sha256(data).hexdigest()
 

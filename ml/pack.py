@@ -116,34 +116,34 @@ def read_pack(path: str | Path) -> Pack:
 def load_split(manifest: str, split_file: str, exclude: list[str]) -> tuple[dict, str]:
     """The split read from split_file, excluded sources dropped from train and val as
     ml.train does; and the sha256 of its split.csv as ml.data writes it."""
-    import tempfile
-
     from ml import data
 
     records = data.load_manifest(manifest)
+    return split_without(records, data.read_split(split_file, records), exclude)
+
+
+def split_without(records: list, split: dict, exclude: list[str]) -> tuple[dict, str]:
+    """split (read from records' manifest) without the sources in exclude in train and val,
+    and that split's sha256 as ml.data.write_split would give it."""
+    from ml import data
+
     unknown = sorted(set(exclude) - {r.source for r in records})
     if unknown:
         raise ValueError(f"--exclude-source: no source named {unknown} in the manifest")
-    split = data.read_split(split_file, records)
+    split = dict(split)
     for name in PACKED_SPLITS:
         split[name] = [r for r in split[name] if r.source not in exclude]
         if len({r.target for r in split[name]}) < 2:
             raise ValueError(f"the {name} split needs COVID and non-COVID images")
-    with tempfile.TemporaryDirectory() as tmp:
-        sha = data.write_split(split, Path(tmp) / "split.csv")
-    return split, sha
+    return split, data.split_sha256(split)
 
 
-def heldout_records(manifest: str, source: str, split: dict) -> list:
+def heldout_records(records: list, source: str, split: dict) -> list:
     """All images of source but those of patients met in train or val through another source
     (linked ids), as ml.evaluate --leave-one-source-out selects them."""
-    from ml import data
-
     seen = {r.patient_id for name in PACKED_SPLITS for r in split[name] if r.patient_id}
     return [
-        r
-        for r in data.load_manifest(manifest)
-        if r.source == source and not (r.patient_id and r.patient_id in seen)
+        r for r in records if r.source == source and not (r.patient_id and r.patient_id in seen)
     ]
 
 
@@ -177,26 +177,23 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--input-size must be at least 32 and --quality within 50-100")
     if args.heldout_source and args.heldout_source not in args.exclude_source:
         p.error("--heldout-source must also be an --exclude-source")
-    split_file = args.split
-    if not split_file:
-        # ml.package needs the very split: keep the one made here beside the pack.
-        from ml import data
+    from ml import data
 
-        split_file = str(Path(args.out).with_suffix(".split.csv"))
-        try:
-            records = data.load_manifest(args.manifest)
-        except (OSError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        data.write_split(data.split_by_patient(records, 0.15, 0.15, args.seed), split_file)
+    split_file = args.split
     try:
-        split, sha = load_split(args.manifest, split_file, args.exclude_source)
+        records = data.load_manifest(args.manifest)
+        if not split_file:
+            # ml.package needs the very split: keep the one made here beside the pack.
+            split_file = str(Path(args.out).with_suffix(".split.csv"))
+            data.write_split(data.split_by_patient(records, 0.15, 0.15, args.seed), split_file)
+        full = data.read_split(split_file, records)
+        split, sha = split_without(records, full, args.exclude_source)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     groups = {name: split[name] for name in PACKED_SPLITS}
     if args.heldout_source:
-        groups[HELDOUT] = heldout_records(args.manifest, args.heldout_source, split)
+        groups[HELDOUT] = heldout_records(records, args.heldout_source, split)
     provenance = {
         "manifest": str(Path(args.manifest).resolve()),
         "split_file": str(Path(split_file).resolve()),

@@ -23,7 +23,7 @@ import numpy as np
 from ml import data
 from ml.artifact import ModelMetadata
 from ml.checkpoints import CHECKPOINT_DIR, atomic_json
-from ml.pack import load_split
+from ml.pack import split_without
 from ml.train_portable import HISTORY_FILE, RUN_FILE, WEIGHTS_FILE
 
 
@@ -47,8 +47,10 @@ def package(
         raise PackageError(f"{run_dir} is not a finished ml.train_portable run: {exc}") from exc
     meta, excluded = run["pack"], run["excluded_sources"]
     try:
-        _, sha = load_split(manifest, split_file, meta["excluded_sources"])
-        split, _ = load_split(manifest, split_file, excluded)
+        records = data.load_manifest(manifest)
+        full = data.read_split(split_file, records)
+        _, sha = split_without(records, full, meta["excluded_sources"])
+        split, _ = split_without(records, full, excluded)
     except (OSError, ValueError) as exc:
         raise PackageError(f"split: {exc}") from exc
     if sha != meta["split_sha256"]:

@@ -96,6 +96,7 @@ def fit(
     resume_from = ckpt / "last.weights.h5" if args.resume else None
 
     records = split["train"]
+    y = np.array([r.target for r in records], dtype=np.float32)
     sources = val_sources = None
     training, compiled = model, _compile_args()
     if args.source_adversary:
@@ -103,8 +104,7 @@ def fit(
         sources, val_sources = ids[: len(records)], ids[len(records) :]
         priors = None
         if args.adversary_loss == "confusion":
-            targets = np.array([r.target for r in records])
-            priors = source_priors(targets, sources, len(names))
+            priors = source_priors(y.astype(np.intp), sources, len(names))
         training = adversarial_model(model, len(names), args.source_adversary, priors)
         compiled = compile_args()
         log(
@@ -113,7 +113,6 @@ def fit(
             scale=args.source_adversary,
             loss=args.adversary_loss,
         )
-    y = np.array([r.target for r in records], dtype=np.float32)
     if args.balance_sources:
         sampling, weights = data.source_balanced_probabilities(records), np.ones_like(y)
     else:
