@@ -52,6 +52,7 @@ RESUME_MUST_MATCH = (
     "source_adversary",
     "adversary_ramp",
     "adversary_loss",
+    "group_dro",
 )
 
 

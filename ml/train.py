@@ -171,6 +171,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "must answer it",
     )
     g.add_argument(
+        "--group-dro",
+        type=float,
+        default=0.0,
+        metavar="ETA",
+        help="group DRO (ml.train_dro; 0 = off, default): minimise the loss of the worst "
+        "(source, class) group of train, its weights moving at step size ETA (e.g. 0.01), "
+        "instead of the class-weighted mean",
+    )
+    g.add_argument(
         "--augment",
         choices=("mild", "strong"),
         default="mild",
@@ -228,6 +237,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--source-adversary must not be negative")
     if (args.adversary_ramp or args.adversary_loss != "reversal") and not args.source_adversary:
         p.error("--adversary-ramp and --adversary-loss need --source-adversary")
+    if args.group_dro < 0:
+        p.error("--group-dro must not be negative")
+    if args.group_dro and (args.source_adversary or args.balance_sources):
+        p.error("--group-dro replaces --balance-sources and --source-adversary")
     if not 0.0 < args.target_sensitivity <= 1.0:
         p.error("--target-sensitivity must lie in (0, 1]")
     return args
@@ -317,6 +330,7 @@ def run(args: argparse.Namespace) -> ModelMetadata:
         "source_adversary": args.source_adversary,
         "adversary_ramp": args.adversary_ramp,
         "adversary_loss": args.adversary_loss,
+        "group_dro": args.group_dro,
         "augment": args.augment,
         "input_size": args.input_size,
         "seed": args.seed,

@@ -124,15 +124,18 @@ def train_dataset(
     seed: int,
     aug: Augmentation,
     sources: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Batches (image, label, sample weight) for the epochs in orders, one row per epoch.
 
-    With sources (--source-adversary), batches are structured for the adversarial model.
+    With sources (--source-adversary), batches are structured for the adversarial model; with
+    groups (--group-dro), they are (image, label, group id) for ml.train_dro.GroupDRO.
     """
     with tf.device("/cpu:0"):
         images, labels = tf.constant(x[..., None]), tf.constant(y[:, None])
         sample_weights = tf.constant(weights)
         source_ids = tf.constant(sources if sources is not None else np.zeros(len(y), np.int32))
+        group_ids = tf.constant(groups if groups is not None else np.zeros(len(y), np.int32))
     ds = tf.data.Dataset.from_tensor_slices(orders).flat_map(
         lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
     )
@@ -140,6 +143,8 @@ def train_dataset(
     def load(step: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         step_seed = tf.stack([tf.constant(seed, tf.int64), step])
         gray = augment(tf.gather(images, idx), step_seed, aug)
+        if groups is not None:
+            return to_caffe(gray), tf.gather(labels, idx), tf.gather(group_ids, idx)
         batch = to_caffe(gray), tf.gather(labels, idx), tf.gather(sample_weights, idx)
         if sources is None:
             return batch

@@ -28,6 +28,7 @@ from ml.train_adversary import (
     source_priors,
 )
 from ml.train_data import Augmentation, eval_dataset, train_dataset
+from ml.train_dro import GroupDRO, group_indices
 from ml.train_log import TrainingError, log
 
 HEAD_LAYERS = (
@@ -68,8 +69,8 @@ def fit(
 ) -> tuple[keras.Model, dict]:
     """Train (or resume) and return the model holding the best epoch's weights, and the state.
 
-    With --source-adversary the model trained (and checkpointed) is ml.train_adversary's,
-    which shares its layers with the classifier returned.
+    With --source-adversary the model trained (and checkpointed) is ml.train_adversary's, with
+    --group-dro ml.train_dro's; both share their layers with the classifier returned.
     """
     ckpt = out / CHECKPOINT_DIR
     ckpt.mkdir(exist_ok=True)
@@ -97,7 +98,7 @@ def fit(
 
     records = split["train"]
     y = np.array([r.target for r in records], dtype=np.float32)
-    sources = val_sources = None
+    sources = val_sources = groups = None
     training, compiled = model, _compile_args()
     if args.source_adversary:
         ids, names = source_indices([*records, *split["val"]])
@@ -113,6 +114,10 @@ def fit(
             scale=args.source_adversary,
             loss=args.adversary_loss,
         )
+    if args.group_dro:
+        groups, names = group_indices(records)
+        training, compiled = GroupDRO(model, len(names), args.group_dro), {}
+        log("group_dro", groups=len(names), eta=args.group_dro)
     if args.balance_sources:
         sampling, weights = data.source_balanced_probabilities(records), np.ones_like(y)
     else:
@@ -145,7 +150,7 @@ def fit(
             training.load_weights(resume_from)  # before compile: a new phase starts a fresh Adam
             restore_rng(training, state)
             resume_from = None
-        _set_phase(training, phase)
+        _set_phase(model if args.group_dro else training, phase)
         training.compile(
             optimizer=keras.optimizers.Adam(lr), run_eagerly=args.run_eagerly, **compiled
         )
@@ -169,6 +174,7 @@ def fit(
             args.seed,
             Augmentation(args.augment, args.hflip),
             sources,
+            groups,
         )
         callbacks = [
             *([AliasLogs()] if args.source_adversary else []),
