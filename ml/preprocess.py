@@ -10,8 +10,9 @@ from PIL import Image
 # Bump whenever preprocess() output changes for the same input: it is recorded on every
 # prediction and in each model artifact, and a model is always served with the version it
 # was trained with. "1": resize only. "2": crop uniform borders, equalise, then as "1".
+# "3" (experimental, not served by default): "2", then crop to the lung fields, re-equalised.
 PREPROCESS_VERSION = "2"
-SUPPORTED_PREPROCESS_VERSIONS = ("1", "2")
+SUPPORTED_PREPROCESS_VERSIONS = ("1", "2", "3")
 
 # Keras ResNet50 "caffe" convention: BGR channel order, per-channel mean subtraction, no scaling.
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -37,6 +38,17 @@ _FRAME_STD = 0.04
 _FRAME_DARK, _FRAME_BRIGHT = 0.06, 0.94
 _MAX_CROP = 0.15
 _BINS = 256
+# v3: the lung fields are the largest dark regions of the equalised image away from its
+# frame (air outside the body touches the frame), found at about _LUNG_SIDE px after
+# smoothing. Diseased lungs are opaque, not dark, so one lung may be missed: the box is
+# mirrored about the vertical midline, padded, and used only if it is large enough to hold
+# a chest; otherwise the whole image is kept.
+_LUNG_SIDE = 128
+_LUNG_DARK = 0.35
+_LUNG_MIN_AREA, _LUNG_MAX_AREA = 0.02, 0.45
+_LUNG_MAX_ON_FRAME = 0.2
+_LUNG_PAD, _LUNG_PAD_BOTTOM = 0.05, 0.10
+_LUNG_MIN_BOX, _LUNG_MIN_WIDTH = 0.25, 0.45
 
 
 def _validate(pixels: np.ndarray) -> np.ndarray:
@@ -108,6 +120,48 @@ def equalize(arr: np.ndarray) -> np.ndarray:
     return lut[bins]
 
 
+def lung_box(eq: np.ndarray) -> tuple[slice, slice] | None:
+    """(rows, cols) of the lung fields' box in an equalised image, or None if none is found."""
+    from scipy import ndimage  # only preprocessing version 3 needs it
+
+    h, w = eq.shape
+    scale = max(h, w) / _LUNG_SIDE
+    small_w, small_h = max(8, round(w / scale)), max(8, round(h / scale))
+    small = np.asarray(Image.fromarray(eq, mode="F").resize((small_w, small_h), _RESAMPLE))
+    dark = ndimage.binary_opening(ndimage.gaussian_filter(small, 1.5) < _LUNG_DARK, iterations=3)
+    labels, n = ndimage.label(dark)
+    frame = np.ones_like(dark)
+    frame[2:-2, 2:-2] = False
+    found = []
+    for i in range(1, n + 1):
+        region = labels == i
+        area = region.mean()
+        ys, xs = np.nonzero(region)
+        cy, cx = ys.mean() / small_h, xs.mean() / small_w
+        on_frame = (region & frame).sum() / region.sum()
+        if (
+            _LUNG_MIN_AREA <= area <= _LUNG_MAX_AREA
+            and 0.1 < cx < 0.9
+            and 0.15 < cy < 0.85
+            and on_frame < _LUNG_MAX_ON_FRAME
+        ):
+            found.append((area, i))
+    if not found:
+        return None
+    ys, xs = np.nonzero(np.isin(labels, [i for _, i in sorted(found, reverse=True)[:2]]))
+    top, bottom = ys.min() / small_h, (ys.max() + 1) / small_h
+    left, right = xs.min() / small_w, (xs.max() + 1) / small_w
+    left, right = min(left, 1 - right), max(right, 1 - left)  # mirrored about the midline
+    top, left = max(0.0, top - _LUNG_PAD), max(0.0, left - _LUNG_PAD)
+    bottom, right = min(1.0, bottom + _LUNG_PAD_BOTTOM), min(1.0, right + _LUNG_PAD)
+    if (bottom - top) * (right - left) < _LUNG_MIN_BOX or right - left < _LUNG_MIN_WIDTH:
+        return None
+    return (
+        slice(int(top * h), max(int(top * h) + 1, round(bottom * h))),
+        slice(int(left * w), max(int(left * w) + 1, round(right * w))),
+    )
+
+
 def preprocess_gray(
     pixels: np.ndarray, size: int = 224, *, version: str = PREPROCESS_VERSION
 ) -> np.ndarray:
@@ -116,8 +170,12 @@ def preprocess_gray(
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     arr = _validate(pixels)
-    if version == "2":
-        arr = equalize(crop_borders(_shrink(arr)))
+    if version in ("2", "3"):
+        cropped = crop_borders(_shrink(arr))
+        arr = equalize(cropped)
+        box = lung_box(arr) if version == "3" else None
+        if box is not None:
+            arr = equalize(cropped[box])
     # Stretched to a square (no padding): training and serving do the same, which is what counts.
     resized = Image.fromarray(arr, mode="F").resize((size, size), _RESAMPLE)
     return np.asarray(resized, dtype=np.float32) * np.float32(255.0)

@@ -11,6 +11,7 @@ from ml.preprocess import (
     PREPROCESS_VERSION,
     SUPPORTED_PREPROCESS_VERSIONS,
     crop_borders,
+    lung_box,
     preprocess,
     preprocess_batch,
     preprocess_gray,
@@ -132,7 +133,7 @@ def _xray() -> np.ndarray:
 
 
 def test_versions() -> None:
-    assert SUPPORTED_PREPROCESS_VERSIONS == ("1", "2")
+    assert SUPPORTED_PREPROCESS_VERSIONS == ("1", "2", "3")
     assert PREPROCESS_VERSION == "2"
 
 
@@ -142,7 +143,7 @@ def test_version_1_is_unchanged() -> None:
     np.testing.assert_allclose(out + MEAN, np.repeat(out[..., :1] + MEAN[0], 3, -1), atol=1e-3)
 
 
-@pytest.mark.parametrize("version", ["0", "3", "99", "", 2])
+@pytest.mark.parametrize("version", ["0", "4", "99", "", 2])
 def test_unknown_version_is_refused(version: object) -> None:
     with pytest.raises(ValueError, match="preprocess version"):
         preprocess(_image(40, 40), 32, version=version)  # type: ignore[arg-type]
@@ -222,3 +223,62 @@ def test_version_2_is_fast_on_a_full_size_upload() -> None:
     out = preprocess(big, 224, version="2")
     assert time.perf_counter() - start < 0.4
     assert out.shape == (224, 224, 3)
+
+
+# --- version 3: the lung-field crop ---------------------------------------------------------
+
+
+def _chest(opaque_right: bool = False) -> np.ndarray:
+    """A phantom: dark air around a bright body holding two dark lungs (the right one, on
+    the image's left, filled in like a consolidated lung if opaque_right)."""
+    i, j = np.indices((300, 240)) / np.array([300.0, 240.0])[:, None, None]
+    image = np.full((300, 240), 0.05, np.float32)
+    body = ((j - 0.5) / 0.45) ** 2 + ((i - 0.55) / 0.6) ** 2 < 1.0
+    image[body] = 0.8
+    for cx, opaque in ((0.3, opaque_right), (0.7, False)):
+        lung = ((j - cx) / 0.14) ** 2 + ((i - 0.45) / 0.25) ** 2 < 1.0
+        image[lung] = 0.75 if opaque else 0.25
+    noise = np.random.default_rng(0).normal(0.0, 0.02, image.shape)
+    return np.clip(image + noise, 0.0, 1.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("opaque_right", [False, True])
+def test_lung_box_frames_both_lungs(opaque_right: bool) -> None:
+    # Lungs span rows 60-210 and columns 38-206; the box adds 5% (10% below), and an opaque
+    # lung is covered by mirroring the one found about the midline.
+    box = lung_box(_chest(opaque_right))
+    assert box is not None
+    rows, cols = box
+    assert 30 <= rows.start <= 60 and 210 <= rows.stop <= 250
+    assert 20 <= cols.start <= 40 and 200 <= cols.stop <= 220
+    assert abs(cols.start - (240 - cols.stop)) <= 3  # symmetric about the midline
+
+
+def test_lung_box_declines_images_without_lungs() -> None:
+    assert lung_box(np.full((100, 100), 0.5, np.float32)) is None
+    assert lung_box(_image(100, 100)) is None  # noise: no large dark region
+    # All dark (air everywhere) touches the frame: not lungs.
+    assert lung_box(np.zeros((100, 100), np.float32)) is None
+
+
+def test_version_3_crops_to_the_lungs_and_falls_back_to_version_2() -> None:
+    chest = _chest()
+    v2, v3 = (preprocess_gray(chest, 64, version=v) for v in ("2", "3"))
+    # The air around the body is mostly gone: far fewer of the darkest pixels at the corners.
+    corners = np.r_[v2[:8, :8].ravel(), v2[-8:, -8:].ravel()]
+    assert corners.mean() < 60.0 and v3[:8, :8].mean() > corners.mean()
+    assert not np.allclose(v2, v3)
+    flat = np.full((100, 100), 0.5, np.float32)
+    np.testing.assert_array_equal(
+        preprocess_gray(flat, 32, version="3"), preprocess_gray(flat, 32, version="2")
+    )
+    for image in (np.zeros((40, 40)), np.full((5, 3), 0.5), np.ones((1, 1))):
+        out = preprocess(image.astype(np.float32), 32, version="3")
+        assert out.shape == (32, 32, 3) and np.isfinite(out).all()
+
+
+def test_version_3_finds_the_lungs_of_a_real_xray() -> None:
+    image = _xray()
+    eq = preprocess_gray(image, 64, version="2")
+    v3 = preprocess_gray(image, 64, version="3")
+    assert v3.shape == (64, 64) and np.abs(v3 - eq).mean() > 5.0
