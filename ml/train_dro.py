@@ -74,7 +74,7 @@ class GroupDRO(keras.Model):
 
     def train_step(self, batch: tuple) -> dict:
         x, y, groups = batch
-        onehot = tf.one_hot(groups, self.n_groups, dtype="float32")  # (B, G)
+        onehot = tf.one_hot(tf.cast(groups, "int32"), self.n_groups, dtype="float32")  # (B, G)
         counts = tf.reduce_sum(onehot, axis=0)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
