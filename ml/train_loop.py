@@ -98,7 +98,7 @@ def fit(
 
     records = split["train"]
     y = np.array([r.target for r in records], dtype=np.float32)
-    sources = val_sources = groups = None
+    sources = val_sources = groups = group_names = None
     training, compiled = model, _compile_args()
     if args.source_adversary:
         ids, names = source_indices([*records, *split["val"]])
@@ -115,9 +115,9 @@ def fit(
             loss=args.adversary_loss,
         )
     if args.group_dro:
-        groups, names = group_indices(records)
-        training, compiled = GroupDRO(model, len(names), args.group_dro), {}
-        log("group_dro", groups=len(names), eta=args.group_dro)
+        groups, group_names = group_indices(records)
+        training, compiled = GroupDRO(model, len(group_names), args.group_dro), {}
+        log("group_dro", groups=len(group_names), eta=args.group_dro)
     if args.balance_sources:
         sampling, weights = data.source_balanced_probabilities(records), np.ones_like(y)
     else:
@@ -204,6 +204,10 @@ def fit(
             verbose=verbose,
             shuffle=False,  # the dataset is already shuffled, per epoch and seeded
         )
+    if group_names is not None:
+        # Where the weight went by the end of training (the last epoch's, not the best's).
+        weights = keras.ops.convert_to_numpy(training.group_weights)
+        log("group_weights", **{n: float(w) for n, w in zip(group_names, weights, strict=True)})
     best = ckpt / "best.weights.h5"
     training.load_weights(best if best.exists() else ckpt / "last.weights.h5")
     return model, state

@@ -124,6 +124,13 @@ def test_tiny_group_dro_run_exports_a_servable_classifier(tmp_path: Path) -> Non
         "--group-dro", "0.1", *TINY,
     )  # fmt: skip
     assert "event=group_dro groups=4 eta=0.1" in proc.stdout
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("event=group_weights ")]
+    shares = dict(field.split("=") for field in line.split()[1:])
+    assert set(shares) == {"covid-cxnet/covid", "hannover-mhh/covid"} | {
+        "kermany-pediatric/non-covid",
+        "nih-chestxray8-subset/non-covid",
+    }
+    assert sum(float(v) for v in shares.values()) == pytest.approx(1.0, abs=1e-3)
     epoch = json.loads((out / "history.json").read_text())["epochs"][0]
     assert 0.25 <= epoch["max_group_weight"] <= 1.0
     assert epoch["robust_loss"] > 0 and 0.0 <= epoch["val_auc"] <= 1.0
