@@ -29,6 +29,9 @@ _COVID_ALIASES = {"covid", "covid-19", "covid19", "covid_19"}
 STRENGTHS = {
     "mild": (7.0, 0.06, 0.08, 0.05, 0.10),
     "strong": (15.0, 0.10, 0.15, 0.10, 0.25),
+    # patch: magnified 1x to 2x (a window of 25-100% of the area) anywhere inside the image,
+    # so the model must decide from part of a chest; shift is implied by the magnification.
+    "patch": (7.0, 0.0, 1.0, 0.05, 0.10),
 }
 GAMMA, SHARPNESS, NOISE = 1.5, 1.0, 6.0  # strong only: gamma in [1/1.5, 1.5], noise sd <= 6
 
@@ -39,14 +42,20 @@ def affine_rows(u, height, width, strength: str, xp):
     u holds uniform draws in [-1, 1] (columns 0-3: rotation, zoom, x and y shift); xp is
     the array namespace of u (tensorflow in ml.train_data, keras.ops in ml.train_portable).
     Each row maps an output pixel to the input pixel it samples: rotate and zoom about the
-    centre, then shift.
+    centre, then shift. "patch" magnifies by 1 to 1 + zoom and shifts the window anywhere
+    it stays inside the image (up to half the margin the magnification leaves per side).
     """
     rotation, shift, zoom = STRENGTHS[strength][:3]
     angle = u[:, 0] * (rotation * math.pi / 180.0)
-    inv_zoom = 1.0 / (1.0 + u[:, 1] * zoom)
+    if strength == "patch":
+        inv_zoom = 1.0 / (1.0 + (u[:, 1] + 1.0) * (zoom / 2.0))
+        reach = (1.0 - inv_zoom) / 2.0
+        tx, ty = u[:, 2] * reach * width, u[:, 3] * reach * height
+    else:
+        inv_zoom = 1.0 / (1.0 + u[:, 1] * zoom)
+        tx, ty = u[:, 2] * shift * width, u[:, 3] * shift * height
     cos, sin = xp.cos(angle) * inv_zoom, xp.sin(angle) * inv_zoom
     cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
-    tx, ty = u[:, 2] * shift * width, u[:, 3] * shift * height
     zero = xp.zeros_like(cos)
     return xp.stack(
         [

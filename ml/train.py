@@ -181,11 +181,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--augment",
-        choices=("mild", "strong"),
+        choices=sorted(data.STRENGTHS),
         default="mild",
         help="mild: small rotation, shift, zoom, brightness/contrast; strong: larger, plus "
-        "gamma, blur/sharpening and noise, which vary what differs between collections "
-        "(default: %(default)s)",
+        "gamma, blur/sharpening and noise, which vary what differs between collections; "
+        "patch: a random window of 25-100%% of the image magnified to the input size, so "
+        "that frames, markers and body outline are often out of view (default: %(default)s)",
     )
     g.add_argument(
         "--hflip",

@@ -279,3 +279,22 @@ def test_eval_dataset_is_unaugmented() -> None:
     )
     np.testing.assert_array_equal(x.numpy()[0], preprocess(record_pixels.pixels, 64))
     assert y.numpy().tolist() == [[1.0], [0.0], [1.0]]
+
+
+def test_patch_augmentation_shows_a_magnified_window_inside_the_image() -> None:
+    # A ramp from 0 to 255 across the columns: a window of 50-100% of the width, stretched to
+    # the full width, shows the ramp at 0.5-1x its slope per pixel, and never the reflected
+    # edge (the window stays inside the image).
+    ramp = np.tile(np.linspace(0.0, 255.0, 64, dtype=np.float32), (64, 1))
+    gray = tf.constant(np.stack([ramp] * 16)[..., None])
+    patch = Augmentation("patch")
+    out = train.augment(gray, tf.constant([0, 5], tf.int64), patch).numpy()[..., 0]
+    np.testing.assert_array_equal(
+        out, train.augment(gray, tf.constant([0, 5], tf.int64), patch).numpy()[..., 0]
+    )
+    rows = out[:, 24:40, 8:56]  # central rows and columns: rotation (<= 7 deg) barely matters
+    slope = np.median(np.diff(rows, axis=2), axis=(1, 2)) / (255.0 / 63)
+    # Brightness/contrast (mild) scale the slope by 0.9-1.1 on top of the magnification.
+    assert slope.min() > 0.4 and slope.max() < 1.15 and np.median(slope) < 0.85
+    # Monotonic along each row of the centre: no reflection at an edge came into view.
+    assert (np.diff(rows, axis=2) > -3.0).all()

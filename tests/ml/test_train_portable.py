@@ -135,7 +135,7 @@ def test_exclude_sources_refuses_unknown_or_one_class_splits(packed: dict) -> No
 
 def test_augment_is_identity_at_inference_and_seeded_in_range_in_training() -> None:
     gray = np.tile(np.linspace(0, 255, 32, dtype=np.float32), (4, 32, 1))[..., None]
-    for strength in ("mild", "strong"):
+    for strength in ("mild", "strong", "patch"):
         layer = train_portable.Augment(strength, seed=3)
         np.testing.assert_array_equal(np.asarray(layer(gray, training=False)), gray)
         out = np.asarray(layer(gray, training=True))
