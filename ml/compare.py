@@ -7,6 +7,10 @@ images. The first is the reference: every other model's AUROC is compared with i
 same patients (paired bootstrap), as is each model with its own thumbnail baseline. Writes
 comparison.json and comparison.md. The manifest supplies the patient ids the bootstrap
 resamples (predictions.csv holds none).
+
+--ensemble NAME adds a row for the mean of all the models' scores (a deep ensemble): whether
+the models' errors are independent (the mean ranks better than each) or shared. It has no
+validation-chosen threshold, so no sensitivity or specificity.
 """
 
 from __future__ import annotations
@@ -50,12 +54,17 @@ def read_predictions(report: Path) -> dict[str, dict]:
 
 
 def compare(
-    reports: list[tuple[str, Path]], patients: dict[str, str | None], n_boot: int = 1000
+    reports: list[tuple[str, Path]],
+    patients: dict[str, str | None],
+    n_boot: int = 1000,
+    ensemble: str | None = None,
 ) -> dict:
     """The comparison of reports (name, folder); patients maps manifest file -> patient id."""
     if len(reports) < 2:
         raise CompareError("give at least two reports")
     tables = {name: read_predictions(folder) for name, folder in reports}
+    if ensemble in tables:
+        raise CompareError(f"--ensemble {ensemble!r} is also the name of a report")
     ref_name = reports[0][0]
     files = sorted(tables[ref_name])
     for name, rows in tables.items():
@@ -69,18 +78,26 @@ def compare(
     groups = [patients.get(f) or f"image:{f}" for f in files]
     ref = np.array([tables[ref_name][f]["score"] for f in files])
     out = {"images": len(files), "covid": int(y.sum()), "reference": ref_name, "models": {}}
-    for name, _ in reports:
-        rows = tables[name]
+    if ensemble:
+        mean = {f: np.mean([t[f]["score"] for t in tables.values()]) for f in files}
+        tables[ensemble] = {
+            f: {**tables[ref_name][f], "score": float(mean[f]), "predicted": None} for f in files
+        }
+        out["ensemble"] = {"name": ensemble, "of": [name for name, _ in reports]}
+    for name, rows in tables.items():
         scores = np.array([rows[f]["score"] for f in files])
         baseline = np.array([rows[f]["baseline_score"] for f in files])
-        # Each model's own threshold, as ml.evaluate applied it (predicted column).
-        predicted = np.array([rows[f]["predicted"] for f in files])
-        at_threshold = binary_report(y, predicted.astype(float), 0.5)
+        sensitivity = specificity = None
+        if name != ensemble:
+            # Each model's own threshold, as ml.evaluate applied it (predicted column).
+            predicted = np.array([rows[f]["predicted"] for f in files])
+            at_threshold = binary_report(y, predicted.astype(float), 0.5)
+            sensitivity, specificity = at_threshold["sensitivity"], at_threshold["specificity"]
         entry = {
             "auroc": auroc(y, scores),
             "auroc_ci": bootstrap_ci(y, scores, 0.5, n_boot=n_boot, groups=groups)["auroc"],
-            "sensitivity": at_threshold["sensitivity"],
-            "specificity": at_threshold["specificity"],
+            "sensitivity": sensitivity,
+            "specificity": specificity,
             "baseline_auroc": auroc(y, baseline),
             "minus_baseline": bootstrap_auroc_difference(
                 y, scores, baseline, n_boot=n_boot, groups=groups
@@ -124,6 +141,12 @@ def render(result: dict, reports: list[tuple[str, Path]]) -> str:
             f"| {_num(m['specificity'])} | {_num(m['baseline_auroc'])} "
             f"| {_diff(m['minus_baseline'])} | {_diff(m.get('minus_reference'))} |"
         )
+    if "ensemble" in result:
+        lines += [
+            "",
+            f"{result['ensemble']['name']}: the mean of the scores of all the other rows; "
+            "it has no validation-chosen threshold.",
+        ]
     lines += ["", "Reports:", ""]
     lines += [f"- {name}: `{folder}`" for name, folder in reports]
     return "\n".join(lines) + "\n"
@@ -142,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--manifest", required=True, help="the manifest the reports were scored from")
     p.add_argument("--out", required=True, help="folder for comparison.json and comparison.md")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples (default: %(default)s)")
+    p.add_argument(
+        "--ensemble", metavar="NAME", help="add a row NAME: the mean of all the models' scores"
+    )
     p.add_argument("reports", nargs="+", type=_report_arg, metavar="NAME=REPORT_DIR")
     args = p.parse_args(argv)
     try:
         patients = {r.file: r.patient_id for r in load_manifest(args.manifest)}
-        result = compare(args.reports, patients, n_boot=args.bootstrap)
+        result = compare(args.reports, patients, n_boot=args.bootstrap, ensemble=args.ensemble)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

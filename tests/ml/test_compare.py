@@ -80,3 +80,22 @@ def test_reports_on_other_images_are_refused(setup: tuple, tmp_path: Path, capsy
     assert "no predictions.csv" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         compare.main(["--manifest", str(manifest), "--out", str(tmp_path / "o"), "no-equals-sign"])
+
+
+def test_ensemble_row_is_the_mean_score(setup: tuple, tmp_path: Path, capsys) -> None:
+    manifest, reports = setup
+    args = [f"{n}={p}" for n, p in reports]
+    out = str(tmp_path / "o")
+    code = compare.main(["--manifest", str(manifest), "--out", out, "--ensemble", "both", *args])
+    assert code == 0
+    result = json.loads((tmp_path / "o" / "comparison.json").read_text())
+    assert result["ensemble"] == {"name": "both", "of": ["ref", "other"]}
+    both = result["models"]["both"]
+    # Mean scores 0.9, 0.8, 0.475 (COVID) and 0.375, 0.2, 0.1: the swap is undone.
+    assert both["auroc"] == 1.0 and both["minus_reference"]["difference"] == 0.0
+    assert both["sensitivity"] is None and both["specificity"] is None
+    assert "| both | 1.000" in (tmp_path / "o" / "comparison.md").read_text()
+    capsys.readouterr()
+    clash = ["--manifest", str(manifest), "--out", out, "--ensemble", "ref", *args]
+    assert compare.main(clash) == 2
+    assert "also the name of a report" in capsys.readouterr().err
