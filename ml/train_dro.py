@@ -5,7 +5,7 @@ can be low while one collection is learnt by its shortcut. Group distributionall
 optimisation (Sagawa et al. 2020, the online algorithm) weights each group's loss by q, a
 distribution over the groups that moves towards the groups that are currently worst: after
 each batch, q_g <- q_g * exp(eta * loss_g), renormalised, where loss_g is the batch's mean
-loss on group g (groups absent from the batch keep their weight), and the model descends
+loss on group g (a group absent from the batch is not pushed up), and the model descends
 sum_g q_g loss_g. It replaces class weighting: every (source, class) group counts, whatever
 its size. Only the training model has q; the classifier it wraps is what gets exported.
 """
