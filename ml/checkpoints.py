@@ -47,6 +47,7 @@ RESUME_MUST_MATCH = (
     "val_fraction",
     "test_fraction",
     "exclude_source",
+    "exclude_label",
     "limit",
     "balance_sources",
     "source_adversary",

@@ -90,6 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="drop this source from train and val (repeatable), for leave-one-source-out",
     )
     g.add_argument(
+        "--exclude-label",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="drop images with this manifest label (e.g. normal) from train and val "
+        "(repeatable); test keeps them",
+    )
+    g.add_argument(
         "--limit", type=int, metavar="N", help="only the first N images per class (smoke tests)"
     )
     g.add_argument(
@@ -228,6 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Keras progress: 1 bar, 2 a line per epoch (default: 1 on a terminal, else 2)",
     )
     args = p.parse_args(argv)
+    args.exclude_label = [label.strip().lower() for label in args.exclude_label]
     if args.input_size < 32:
         p.error("--input-size must be at least 32 (ResNet50 minimum)")
     if args.epochs < 1 or args.patience < 1 or args.warmup_epochs < 0:
@@ -326,6 +335,7 @@ def run(args: argparse.Namespace) -> ModelMetadata:
         "split_file": "split.csv",
         "split_sha256": split_sha,
         "excluded_sources": sorted(args.exclude_source),
+        "excluded_labels": sorted(args.exclude_label),
         "images_without_patient_id": "train only",
         "balance_sources": args.balance_sources,
         "source_adversary": args.source_adversary,

@@ -37,7 +37,8 @@ MILD = Augmentation()
 
 
 def make_split(args: argparse.Namespace, out: Path) -> dict[str, list[data.Record]]:
-    """Load the manifest, make (or reuse) the split, then apply --limit and --exclude-source."""
+    """Load the manifest, make (or reuse) the split, then apply --limit, --exclude-source and
+    --exclude-label."""
     try:
         records = data.load_manifest(args.manifest)
     except ValueError as exc:
@@ -45,6 +46,9 @@ def make_split(args: argparse.Namespace, out: Path) -> dict[str, list[data.Recor
     unknown = sorted(set(args.exclude_source) - {r.source for r in records})
     if unknown:
         raise TrainingError(f"--exclude-source: no source named {unknown} in the manifest")
+    unknown = sorted(set(args.exclude_label) - {r.label for r in records})
+    if unknown:
+        raise TrainingError(f"--exclude-label: no label named {unknown} in the manifest")
     pool = data.limit_per_class(records, args.limit) if args.limit else records
     split_file = out / "split.csv" if args.resume else args.split
     try:
@@ -57,7 +61,11 @@ def make_split(args: argparse.Namespace, out: Path) -> dict[str, list[data.Recor
     except (OSError, ValueError) as exc:
         raise TrainingError(f"split: {exc}") from exc
     for name in ("train", "val"):
-        split[name] = [r for r in split[name] if r.source not in args.exclude_source]
+        split[name] = [
+            r
+            for r in split[name]
+            if r.source not in args.exclude_source and r.label not in args.exclude_label
+        ]
         if len({r.target for r in split[name]}) < 2:
             raise TrainingError(
                 f"the {name} split needs COVID and non-COVID images; use more data or a "

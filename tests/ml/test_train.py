@@ -16,7 +16,8 @@ from ml.imaging import decode_image
 from ml.metrics import choose_threshold
 from ml.predictor import Predictor
 from ml.preprocess import preprocess, to_caffe
-from ml.train_data import Augmentation
+from ml.train_data import Augmentation, make_split
+from ml.train_log import TrainingError
 from tests.conftest import CXR_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -298,3 +299,32 @@ def test_patch_augmentation_shows_a_magnified_window_inside_the_image() -> None:
     assert slope.min() > 0.4 and slope.max() < 1.15 and np.median(slope) < 0.85
     # Monotonic along each row of the centre: no reflection at an edge came into view.
     assert (np.diff(rows, axis=2) > -3.0).all()
+
+
+def test_exclude_label_drops_it_from_train_and_val_only(tmp_path: Path) -> None:
+    manifest = _tiny_manifest(
+        tmp_path / "manifest.csv", ("hannover-mhh", "kermany-pediatric"), per_source=40
+    )
+    # The first Kermany rows are all normal: relabel every other one (only the strings matter).
+    with open(manifest, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    kermany = [row for row in rows if row["source"] == "kermany-pediatric"]
+    for row in kermany[::2]:
+        row["label"] = "pneumonia"
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    base = ["--manifest", str(manifest), "--out", str(tmp_path / "o")]
+    whole = make_split(train.parse_args(base), tmp_path)
+    labels = {name: {r.label for r in rs} for name, rs in whole.items()}
+    assert "normal" in labels["train"] and "pneumonia" in labels["train"]  # not vacuous
+    split = make_split(train.parse_args([*base, "--exclude-label", "Normal"]), tmp_path)
+    for name in ("train", "val"):
+        assert "normal" not in {r.label for r in split[name]}
+        assert split[name] == [r for r in whole[name] if r.label != "normal"]
+    assert split["test"] == whole["test"]
+    with pytest.raises(TrainingError, match="no label named"):
+        make_split(train.parse_args([*base, "--exclude-label", "fracture"]), tmp_path)
+    with pytest.raises(TrainingError, match="needs COVID and non-COVID"):
+        make_split(train.parse_args([*base, "--exclude-label", "covid"]), tmp_path)
