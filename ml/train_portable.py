@@ -147,6 +147,24 @@ class BestAndDeadline(keras.callbacks.Callback):
         return min(later) if later else 0.0
 
 
+class WatchHeldout(keras.callbacks.Callback):
+    """--watch-heldout: after every epoch, the held-out source's AUROC as heldout_auc in the
+    logs and the history. A diagnostic of how much epoch selection could matter; nothing
+    reads it to select, stop or schedule (those watch val_auc alone)."""
+
+    def __init__(self, classifier: keras.Model, gray: np.ndarray, y: np.ndarray, batch_size: int):
+        super().__init__()
+        self.classifier, self.x, self.y, self.batch_size = classifier, to_caffe(gray), y, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        from ml.metrics import auroc
+
+        scores = self.classifier.predict(self.x, batch_size=self.batch_size, verbose=0)
+        value = auroc(self.y, scores[:, 0])  # None if the held-out images are of one class
+        if logs is not None and value is not None:
+            logs["heldout_auc"] = value
+
+
 class BalancedBatches(keras.utils.PyDataset):
     """--balance-sources: each epoch len(y) draws with replacement, every (source, class)
     group equally often (ml.data.source_balanced_probabilities), unit loss weights."""
@@ -265,6 +283,9 @@ def train(pack: Pack, args: argparse.Namespace) -> dict:
         ),
         flush=True,
     )
+    watch = []
+    if args.watch_heldout:
+        watch = [WatchHeldout(classifier, pack.gray[HELDOUT], pack.target[HELDOUT], batch_size)]
     if args.balance_sources:
         batches = BalancedBatches(x, y, pack.source["train"], batch_size, args.seed)
         inputs = {"x": batches}
@@ -275,7 +296,7 @@ def train(pack: Pack, args: argparse.Namespace) -> dict:
         **inputs,
         epochs=args.epochs,
         validation_data=val,
-        callbacks=[plateau, keeper],
+        callbacks=[*watch, plateau, keeper],
         shuffle=True,
         verbose=args.verbose,
     )
@@ -319,16 +340,24 @@ def train(pack: Pack, args: argparse.Namespace) -> dict:
     return run
 
 
-def score_heldout(
-    classifier: keras.Model, pack: Pack, args: argparse.Namespace, batch_size: int
-) -> dict | None:
-    """Screening only: AUROC of the best epoch on the pack's held-out source, if this run
-    left that source out. (ml.evaluate on the packaged artifact gives the reported figure.)"""
+def heldout_source(pack: Pack, args: argparse.Namespace) -> str | None:
+    """The pack's held-out source if this run left it out of training, else None."""
     source = pack.meta.get("heldout_source")
     if HELDOUT not in pack.gray or source not in {
         *pack.meta["excluded_sources"],
         *args.exclude_source,
     }:
+        return None
+    return source
+
+
+def score_heldout(
+    classifier: keras.Model, pack: Pack, args: argparse.Namespace, batch_size: int
+) -> dict | None:
+    """Screening only: AUROC of the best epoch on the pack's held-out source, if this run
+    left that source out. (ml.evaluate on the packaged artifact gives the reported figure.)"""
+    source = heldout_source(pack, args)
+    if source is None:
         return None
     from ml.metrics import auroc
 
@@ -384,6 +413,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="stop after the epoch that would leave less than one more epoch within S seconds",
     )
+    p.add_argument(
+        "--watch-heldout",
+        action="store_true",
+        help="diagnostic: score the pack's held-out source after every epoch (heldout_auc in "
+        "the history); never used to select the epoch",
+    )
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2)
     args = p.parse_args(argv)
     if min(args.epochs, args.patience, args.batch_size or 1) < 1:
@@ -396,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         pack = exclude_sources(read_pack(args.pack), args.exclude_source)
+        if args.watch_heldout and heldout_source(pack, args) is None:
+            raise ValueError(
+                "--watch-heldout: the pack holds no held-out source that this run leaves out "
+                "(ml.pack --heldout-source NAME, and --exclude-source NAME there or here)"
+            )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ The portable trainer is what runs on a GPU host with a Keras backend but no Tens
 it runs on TensorFlow's CPU backend, at 32 px, one epoch.
 """
 
+import csv
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ml import data, pack, package, train_portable
 from ml.artifact import read_metadata
 from ml.imaging import decode_image
 from ml.predictor import Predictor
+from tests.conftest import CXR_DIR
 from tests.ml.test_train import _tiny_manifest
 
 HELD = "ieee8023-covid-chestxray"
@@ -195,3 +197,47 @@ def test_best_and_deadline_keeps_the_best_and_stops_on_patience_or_budget() -> N
     aucs = [0.5 + i / 100 for i in range(21)]
     keeper, run = _epochs([50.0] + [1.0] * 20, aucs, patience=99, budget_s=60.0)
     assert keeper.stop_reason == "time budget" and run == 11  # ends at 60 s
+
+
+def test_watch_heldout_scores_every_epoch_and_selects_nothing(
+    packed: dict, tmp_path: Path, capsys
+) -> None:
+    # The fixture's held-out images are all COVID: add four of the source's non-COVID ones.
+    with open(CXR_DIR / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    others = [r for r in rows if r["source"] == HELD and r["label"] != "covid" and r["patient_id"]]
+    manifest = tmp_path / "manifest.csv"
+    with open(packed["manifest"], newline="") as fh:
+        tiny = list(csv.DictReader(fh))
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(tiny[0]))
+        writer.writeheader()
+        writer.writerows(tiny + [{**r, "file": str(CXR_DIR / r["file"])} for r in others[:4]])
+    both = tmp_path / "both.npz"
+    rc = pack.main(
+        ["--manifest", str(manifest), "--input-size", "32", "--out", str(both),
+         "--exclude-source", HELD, "--heldout-source", HELD]
+    )  # fmt: skip
+    assert rc == 0
+    out = tmp_path / "watched"
+    args = ["--pack", str(both), "--out", str(out), "--batch-size", "8"]
+    assert train_portable.main([*args, "--epochs", "2", "--watch-heldout"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    state = json.loads((out / "history.json").read_text())
+    epochs = state["history"]
+    assert len(epochs) == 2 and all(0.0 <= e["heldout_auc"] <= 1.0 for e in epochs)
+    # The kept epoch is the best by val AUROC (the first on a tie), whatever heldout_auc says,
+    # and its held-out score is what the run reports for the restored weights.
+    best = max(epochs, key=lambda e: e["val_auc"])
+    assert state["best_epoch"] == best["epoch"]
+    assert run["heldout"]["auroc"] == pytest.approx(best["heldout_auc"], abs=1e-6)
+    # Without a held-out source left out, there is nothing to watch.
+    plain = packed["dir"] / "plain.npz"
+    rc = pack.main(
+        ["--manifest", str(packed["manifest"]), "--split", str(packed["split"]),
+         "--input-size", "32", "--out", str(plain)]
+    )  # fmt: skip
+    assert rc == 0
+    capsys.readouterr()
+    assert train_portable.main(["--pack", str(plain), "--out", str(out), "--watch-heldout"]) == 2
+    assert "--watch-heldout" in capsys.readouterr().err
