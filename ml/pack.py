@@ -113,15 +113,6 @@ def read_pack(path: str | Path) -> Pack:
     return Pack(gray, target, source, meta)
 
 
-def load_split(manifest: str, split_file: str, exclude: list[str]) -> tuple[dict, str]:
-    """The split read from split_file, excluded sources dropped from train and val as
-    ml.train does; and the sha256 of its split.csv as ml.data writes it."""
-    from ml import data
-
-    records = data.load_manifest(manifest)
-    return split_without(records, data.read_split(split_file, records), exclude)
-
-
 def split_without(records: list, split: dict, exclude: list[str]) -> tuple[dict, str]:
     """split (read from records' manifest) without the sources in exclude in train and val,
     and that split's sha256 as ml.data.write_split would give it."""

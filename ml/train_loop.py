@@ -42,7 +42,9 @@ HEAD_LAYERS = (
 
 def _set_phase(model: keras.Model, phase: str) -> None:
     for layer in model.layers:
-        if phase == "head":
+        if isinstance(layer, keras.Model):
+            _set_phase(layer, phase)  # a wrapped classifier (ml.train_dro): its own layers
+        elif phase == "head":
             layer.trainable = layer.name in HEAD_LAYERS
         elif phase == "finetune":
             # keras-io's fine-tuning advice: BatchNorm stays in inference mode on small data.
@@ -150,7 +152,7 @@ def fit(
             training.load_weights(resume_from)  # before compile: a new phase starts a fresh Adam
             restore_rng(training, state)
             resume_from = None
-        _set_phase(model if args.group_dro else training, phase)
+        _set_phase(training, phase)
         training.compile(
             optimizer=keras.optimizers.Adam(lr), run_eagerly=args.run_eagerly, **compiled
         )
