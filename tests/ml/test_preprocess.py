@@ -10,7 +10,9 @@ from ml.preprocess import (
     IMAGENET_BGR_MEAN,
     PREPROCESS_VERSION,
     SUPPORTED_PREPROCESS_VERSIONS,
+    clahe,
     crop_borders,
+    equalize,
     lung_box,
     preprocess,
     preprocess_batch,
@@ -133,7 +135,7 @@ def _xray() -> np.ndarray:
 
 
 def test_versions() -> None:
-    assert SUPPORTED_PREPROCESS_VERSIONS == ("1", "2", "3")
+    assert SUPPORTED_PREPROCESS_VERSIONS == ("1", "2", "3", "4")
     assert PREPROCESS_VERSION == "2"
 
 
@@ -143,7 +145,7 @@ def test_version_1_is_unchanged() -> None:
     np.testing.assert_allclose(out + MEAN, np.repeat(out[..., :1] + MEAN[0], 3, -1), atol=1e-3)
 
 
-@pytest.mark.parametrize("version", ["0", "4", "99", "", 2])
+@pytest.mark.parametrize("version", ["0", "5", "99", "", 2])
 def test_unknown_version_is_refused(version: object) -> None:
     with pytest.raises(ValueError, match="preprocess version"):
         preprocess(_image(40, 40), 32, version=version)  # type: ignore[arg-type]
@@ -282,3 +284,51 @@ def test_version_3_finds_the_lungs_of_a_real_xray() -> None:
     eq = preprocess_gray(image, 64, version="2")
     v3 = preprocess_gray(image, 64, version="3")
     assert v3.shape == (64, 64) and np.abs(v3 - eq).mean() > 5.0
+
+
+# --- version 4: local (CLAHE) equalisation -------------------------------------------------
+
+
+def _two_exposures() -> np.ndarray:
+    """Left half dim, right half bright, the same texture in both."""
+    texture = _image(128, 64, seed=3) * 0.2
+    return np.concatenate([0.1 + texture, 0.6 + texture], axis=1).astype(np.float32)
+
+
+def test_clahe_gives_each_region_its_own_contrast() -> None:
+    image = _two_exposures()
+    local, whole = clahe(image), equalize(image)
+    assert local.shape == image.shape and local.dtype == np.float32
+    assert local.min() >= 0.0 and local.max() <= 1.0
+    # Global equalisation keeps the halves apart (dark vs bright); unclipped CLAHE brings
+    # their interiors (away from the seam, where tiles blend) to about the same grey, and
+    # the default contrast limit goes part of the way.
+    gap = lambda x: abs(x[:, 16:40].mean() - x[:, -24:].mean())  # noqa: E731
+    assert gap(whole) > 0.4
+    assert gap(clahe(image, clip=1e9)) < 0.05
+    assert gap(local) < gap(whole) - 0.1
+    # Within a half the order of grey levels survives: CLAHE maps are monotone per tile.
+    half = image[:, -24:].ravel()
+    assert np.corrcoef(half, local[:, -24:].ravel())[0, 1] > 0.95
+
+
+def test_clahe_with_one_tile_and_no_clip_is_global_equalisation() -> None:
+    image = _image(50, 70, seed=5)
+    np.testing.assert_allclose(clahe(image, tiles=1, clip=1e9), equalize(image), atol=1 / 255)
+
+
+def test_clahe_limits_contrast_in_flat_regions() -> None:
+    # A nearly flat image: unclipped equalisation stretches the noise to the full range,
+    # the contrast limit keeps it to a fraction of it.
+    flat = (0.5 + 0.01 * _image(64, 64, seed=7)).astype(np.float32)
+    assert np.ptp(equalize(flat)) > 0.9
+    assert np.ptp(clahe(flat)) < 0.5
+
+
+def test_version_4_differs_from_2_and_handles_odd_images() -> None:
+    image = _two_exposures()
+    v2, v4 = (preprocess_gray(image, 64, version=v) for v in ("2", "4"))
+    assert np.abs(v2 - v4).mean() > 5.0
+    for odd in (np.zeros((40, 40)), np.full((5, 3), 0.5), np.ones((1, 1)), np.ones((3, 900))):
+        out = preprocess(odd.astype(np.float32), 32, version="4")
+        assert out.shape == (32, 32, 3) and np.isfinite(out).all()
