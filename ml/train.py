@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--preprocess-version",
         default=PREPROCESS_VERSION,
         choices=SUPPORTED_PREPROCESS_VERSIONS,
-        help="ml.preprocess version; 2 crops borders and equalises (default: %(default)s)",
+        help="ml.preprocess version: 2 crops borders and equalises (default: %(default)s); "
+        "experimental: 3 adds a lung-field crop, 4 equalises locally (CLAHE)",
     )
     g.add_argument(
         "--weights",
