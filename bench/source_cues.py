@@ -18,7 +18,8 @@ decoded, preprocessed to --size px (serving code) and reduced to the thumbnail b
 
 A version that removes source cues lowers within-class source accuracy; one that removes
 them without the disease should also not raise the held-out baseline. This is a cheap screen
-(seconds per version, no training); only a trained model's held-out AUROC decides.
+(about two minutes per version on two cores, no training); only a trained model's held-out
+AUROC decides.
 """
 
 from __future__ import annotations
