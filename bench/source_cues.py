@@ -29,17 +29,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ml import data  # noqa: E402
-from ml.baseline import DEFAULT_C, MAX_ITER, ThumbnailBaseline, ThumbnailCache  # noqa: E402
+from ml.baseline import DEFAULT_C, ThumbnailBaseline, ThumbnailCache, logistic  # noqa: E402
+from ml.evaluate import select_records  # noqa: E402
 from ml.imaging import decode_image  # noqa: E402
 from ml.preprocess import SUPPORTED_PREPROCESS_VERSIONS, preprocess_gray  # noqa: E402
 
@@ -51,9 +49,8 @@ def _source_cue(records: list, cache: ThumbnailCache) -> str:
     """Cross-validated balanced accuracy of thumbnails -> source, and how many sources."""
     sources = [r.source for r in records]
     folds = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=0)
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=DEFAULT_C, max_iter=MAX_ITER))
     predicted = cross_val_predict(
-        model,
+        logistic(DEFAULT_C),
         cache.matrix(records),
         sources,
         groups=[r.patient_id or str(r.path) for r in records],
@@ -78,11 +75,10 @@ def main() -> int:
     records = data.load_manifest(args.manifest)
     split = data.read_split(args.split, records)
     train, test = split["train"], split["test"]
-    held = [r for r in records if r.source == args.held_out]
-    held_patients = {r.patient_id for r in held if r.patient_id}
-    loso_train = [
-        r for r in train if r.source != args.held_out and r.patient_id not in held_patients
-    ]
+    mode = argparse.Namespace(
+        subset="test", leave_one_source_out=args.held_out, split=args.split, manifest=args.manifest
+    )
+    held, loso_train, _ = select_records(mode, records, split)
     pixels = {r.path: decode_image(r.path.read_bytes()).pixels for r in records}
     print(
         f"{len(records)} images; split {args.split} (train {len(train)}, test {len(test)}); "

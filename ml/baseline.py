@@ -74,7 +74,8 @@ class ThumbnailCache:
         return np.stack([self._features[Path(r.path)] for r in records])
 
 
-def _logistic(C: float) -> Pipeline:
+def logistic(C: float) -> Pipeline:
+    """Standardised pixels -> logistic regression: the baseline's model, unfitted."""
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=MAX_ITER))
 
 
@@ -91,7 +92,7 @@ class ThumbnailBaseline:
         y = np.array([int(r.target) for r in records])
         if len(set(y.tolist())) < 2:
             raise ValueError("the baseline needs training images of both classes")
-        self._model = _logistic(self.C).fit(self.cache.matrix(records), y)
+        self._model = logistic(self.C).fit(self.cache.matrix(records), y)
         return self
 
     def predict_proba(self, records: Sequence[RecordLike]) -> np.ndarray:
@@ -120,7 +121,7 @@ def source_predictability(
     test_sources = [r.source for r in records_test]
     if len(set(train_sources)) < 2 or not records_test:
         raise ValueError("need training images from 2+ sources and at least one test image")
-    model = _logistic(C).fit(cache.matrix(records_train), train_sources)
+    model = logistic(C).fit(cache.matrix(records_train), train_sources)
     predicted = model.predict(cache.matrix(records_test))
     hits = np.asarray(predicted) == np.asarray(test_sources)
     counts = Counter(test_sources)

@@ -116,9 +116,14 @@ def crop_borders(arr: np.ndarray) -> np.ndarray:
     return arr[:, left : arr.shape[1] - right]
 
 
+def _bins(arr: np.ndarray) -> np.ndarray:
+    """The histogram bin (0.._BINS-1) of each pixel of a [0, 1] image."""
+    return np.minimum((arr * (_BINS - 1) + 0.5).astype(np.intp), _BINS - 1)
+
+
 def equalize(arr: np.ndarray) -> np.ndarray:
     """Global histogram equalisation over 256 bins; a constant image is returned unchanged."""
-    bins = np.minimum((arr * (_BINS - 1) + 0.5).astype(np.intp), _BINS - 1)
+    bins = _bins(arr)
     cdf = np.cumsum(np.bincount(bins.ravel(), minlength=_BINS))
     lowest = cdf[bins.min()]
     if cdf[-1] == lowest:
@@ -143,7 +148,7 @@ def clahe(arr: np.ndarray, tiles: int = _CLAHE_TILES, clip: float = _CLAHE_CLIP)
     """Contrast-limited adaptive histogram equalisation of a [0, 1] image, bilinearly blended."""
     h, w = arr.shape
     tiles = max(1, min(tiles, h // 2, w // 2))
-    bins = np.minimum((arr * (_BINS - 1) + 0.5).astype(np.intp), _BINS - 1)
+    bins = _bins(arr)
     rows, cols = np.linspace(0, h, tiles + 1).astype(int), np.linspace(0, w, tiles + 1).astype(int)
     luts = np.empty((tiles, tiles, _BINS), dtype=np.float32)
     for i in range(tiles):
@@ -213,11 +218,9 @@ def preprocess_gray(
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     arr = _validate(pixels)
-    if version == "4":
-        arr = clahe(crop_borders(_shrink(arr)))
-    elif version in ("2", "3"):
+    if version != "1":
         cropped = crop_borders(_shrink(arr))
-        arr = equalize(cropped)
+        arr = clahe(cropped) if version == "4" else equalize(cropped)
         box = lung_box(arr) if version == "3" else None
         if box is not None:
             arr = equalize(cropped[box])
