@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 from ml.artifact import read_metadata
@@ -30,3 +32,29 @@ def test_current_model_predicts_the_licensed_fixtures():
     assert len(results) == 3
     for r in results:
         assert r.trained and 0.0 <= r.probability_covid <= 1.0 and r.heatmap_png
+
+
+def test_served_artifact_holds_only_what_serving_and_a_reader_need():
+    """docker-compose mounts models/ into production: reports and experiments live in docs/."""
+    version_dir = CURRENT.resolve()
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--", version_dir.relative_to(REPO).as_posix()],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        files = [f for f in listed.split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        files = []
+    if not files:  # what is on disk, less the ONNX export made at run time
+        files = [p for p in version_dir.rglob("*") if p.is_file() and "model.onnx" not in p.name]
+    assert len(files) <= 12, sorted(files)
+    assert not (version_dir / "reports").exists()
+    card = (version_dir / "MODEL_CARD.md").read_text()
+    assert len(card.splitlines()) <= 150
+    assert "Research use only. Not for diagnosis." in card
+    assert "docs/experiments/" in card
+    targets = re.findall(r"\]\(([^)#:]+)\)", card)  # relative links only
+    assert targets and all((version_dir / t).exists() for t in targets), targets
+    assert (REPO / "docs" / "experiments" / "README.md").is_file()
