@@ -27,6 +27,7 @@ ENV_VARS: dict[str, str] = {
     "MAX_IMAGE_MB": "largest single image file in MiB; default 32",
     "MAX_IMAGE_PIXELS": "largest decoded image in pixels; default 60000000",
     "MAX_FILES_PER_STUDY": "most images in one study; default 16",
+    "STORE_DICOM_IDENTIFIERS": "store DICOM uploads as sent (1/0); with 0 they are de-identified (PS3.15 Basic Profile) before they are stored; default 0",
     "TASK_SOFT_TIME_LIMIT": "seconds before a study task is interrupted; default 300",
     "TASK_MAX_ATTEMPTS": "deliveries of one study before it FAILS; default 3",
     "STALE_AFTER_S": "seconds a QUEUED/RUNNING study may sit before the sweeper re-enqueues it; default 600",
@@ -103,6 +104,7 @@ class Settings:
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 60_000_000
     max_files_per_study: int = 16
+    store_dicom_identifiers: bool = False
     task_soft_time_limit: int = 300
     task_max_attempts: int = 3
     stale_after_s: int = 600
@@ -141,6 +143,7 @@ class Settings:
             max_image_bytes=_int(env, "MAX_IMAGE_MB", 32) * 1024 * 1024,
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 60_000_000),
             max_files_per_study=_int(env, "MAX_FILES_PER_STUDY", 16),
+            store_dicom_identifiers=_flag(env, "STORE_DICOM_IDENTIFIERS", False),
             task_soft_time_limit=_int(env, "TASK_SOFT_TIME_LIMIT", 300),
             task_max_attempts=_int(env, "TASK_MAX_ATTEMPTS", 3),
             stale_after_s=_int(env, "STALE_AFTER_S", 600),
@@ -173,6 +176,7 @@ class Settings:
             "MAX_IMAGE_BYTES": self.max_image_bytes,
             "MAX_IMAGE_PIXELS": self.max_image_pixels,
             "MAX_FILES_PER_STUDY": self.max_files_per_study,
+            "STORE_DICOM_IDENTIFIERS": self.store_dicom_identifiers,
             "MODEL_DIR": str(self.model_dir),
             "TASK_MAX_ATTEMPTS": self.task_max_attempts,
             "STALE_AFTER_S": self.stale_after_s,
