@@ -6,15 +6,16 @@ import hashlib
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flask import current_app
 from werkzeug.datastructures import FileStorage
 from werkzeug.utils import secure_filename
 
-from ml.imaging import DecodedImage, ImageError, Limits, decode_image
+from ml.imaging import DICOM, DecodedImage, ImageError, Limits, decode_image
 from webapp import jobs
 from webapp.broker import enqueue_study
+from webapp.deidentify import DeidentificationError, StudyDeidentifier
 from webapp.extensions import db
 from webapp.models import Image, Study
 
@@ -76,6 +77,28 @@ def _check_file(upload: FileStorage, position: int, limits: Limits) -> _Checked:
     return _Checked(name, data, image)
 
 
+def _deidentify_dicoms(checked: list[_Checked]) -> list[_Checked]:
+    """Apply the PS3.15 Basic Profile to every DICOM file, with one UID mapping per upload."""
+    deidentifier = StudyDeidentifier()
+    out = []
+    for position, item in enumerate(checked):
+        if item.image.media_type != DICOM:
+            out.append(item)
+            continue
+        try:
+            data = deidentifier.deidentify(item.data)
+        except DeidentificationError as exc:
+            log.warning("event=deidentification_failed position=%d cause=%s", position, exc.cause)
+            raise UploadError(
+                422, "deidentification_failed", f"{item.filename}: {exc.message}; nothing was stored"
+            ) from None
+        # Decoded from the original: the check in deidentify() proves the pixels are the same.
+        attributes = {**item.image.attributes, "PatientIdentityRemoved": "YES"}
+        image = replace(item.image, attributes=attributes)
+        out.append(replace(item, data=data, image=image))
+    return out
+
+
 def create_study(
     files: Sequence[FileStorage],
     patient_ref: str | None = None,
@@ -97,6 +120,8 @@ def create_study(
         max_pixels=current_app.config["MAX_IMAGE_PIXELS"],
     )
     checked = [_check_file(upload, i, limits) for i, upload in enumerate(files)]
+    if not current_app.config["STORE_DICOM_IDENTIFIERS"]:
+        checked = _deidentify_dicoms(checked)
 
     study = Study(owner_id=owner_id, patient_ref=patient_ref, accession=accession)
     jobs.start_queued(study)

@@ -22,7 +22,7 @@ def _private(response: Response) -> Response:
 
 @bp.get("/original")
 def original(study_id: str, image_id: int) -> Response:
-    """The bytes as uploaded, as a download."""
+    """The stored bytes as a download: the upload as sent, DICOM de-identified unless configured not to."""
     image = get_image_or_404(study_id, image_id)
     audit.record("image_downloaded", study_id=image.study_id, image_id=image.id)
     name = f"study-{study_id[:8]}-image-{image.position + 1}.{EXTENSIONS.get(image.media_type, 'bin')}"
