@@ -15,8 +15,7 @@ from sqlalchemy import delete, func, select, update
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from webapp.extensions import db
-from webapp.jobs import as_utc
-from webapp.models import LoginSession, Role, User, utcnow
+from webapp.models import LoginSession, Role, User, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,7 @@
-"""Typed SQLAlchemy 2.0 models: a Study, its Images, one Prediction per Image; Users and their credentials."""
+"""Typed SQLAlchemy 2.0 models: a Study, its Images, one Prediction per Image; Users and their credentials.
+
+Also the two time helpers every module uses for stored times: `utcnow` and `as_utc`.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +32,13 @@ from webapp.extensions import db
 def utcnow() -> datetime:
     """Timezone-aware now, the only clock the models use."""
     return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """A stored time as an aware UTC datetime: SQLite returns naive ones, and every stored time is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 def new_id() -> str:

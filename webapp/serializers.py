@@ -6,8 +6,8 @@ from typing import Any
 
 from flask import url_for
 
-from webapp.jobs import FINISHED, StudyStatus, as_utc
-from webapp.models import Image, Study
+from webapp.jobs import FINISHED, StudyStatus
+from webapp.models import Image, Study, as_utc
 
 NOTICE = "Research use only. Not for diagnosis."
 

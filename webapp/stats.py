@@ -18,8 +18,8 @@ import numpy as np
 from sqlalchemy import func, select
 
 from webapp.extensions import db
-from webapp.jobs import PENDING, StudyStatus, as_utc
-from webapp.models import Image, Prediction, Study, utcnow
+from webapp.jobs import PENDING, StudyStatus
+from webapp.models import Image, Prediction, Study, as_utc, utcnow
 
 WINDOWS: dict[str, timedelta] = {
     "hour": timedelta(hours=1),

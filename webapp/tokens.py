@@ -11,8 +11,7 @@ from sqlalchemy import select
 
 from webapp.accounts import AccountError, sha256_hex
 from webapp.extensions import db
-from webapp.jobs import as_utc
-from webapp.models import ApiToken, User, utcnow
+from webapp.models import ApiToken, User, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,15 @@
-"""Admin blueprint: the dashboard here; accounts and the audit log in admin/users.py."""
+"""Admin dashboard views; accounts and the audit log are in admin/users.py, the blueprint in admin/blueprint.py."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, abort, jsonify, render_template, request
+from flask import Response, abort, jsonify, render_template, request
 
 from webapp import charts, monitoring, stats
+from webapp.admin.blueprint import bp
 from webapp.models import utcnow
 from webapp.security import admin_required
-
-bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 
 def _window() -> str:
@@ -70,6 +69,3 @@ def drift_chart(window: str) -> Response:
     if window not in stats.WINDOWS:
         abort(404)
     return Response(charts.drift_svg(stats.drift(window), window), mimetype="image/svg+xml")
-
-
-from webapp.admin import users  # noqa: E402,F401  (registers the account and audit routes on bp)

@@ -10,11 +10,10 @@ from flask_login import current_user
 from sqlalchemy import func, select
 
 from webapp import accounts, audit
+from webapp.admin.blueprint import bp
 from webapp.admin.forms import NewUserForm, UserActionForm
-from webapp.admin.routes import bp
 from webapp.extensions import db
-from webapp.jobs import as_utc
-from webapp.models import Role, User
+from webapp.models import Role, User, as_utc
 from webapp.security import admin_required
 
 AUDIT_PER_PAGE = 50

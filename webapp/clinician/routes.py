@@ -14,8 +14,8 @@ from sqlalchemy.orm import selectinload
 from webapp import audit
 from webapp.clinician.forms import ImpressionForm, OutcomeForm, UploadForm
 from webapp.extensions import db
-from webapp.jobs import FINISHED, StudyStatus, as_utc
-from webapp.models import Image, Study
+from webapp.jobs import FINISHED, StudyStatus
+from webapp.models import Image, Study, as_utc
 from webapp.outcomes import OutcomeError, record_impression, record_outcome, shows_result
 from webapp.serializers import NOTICE, study_json
 from webapp.studies import get_study_or_404, visible_studies
