@@ -1,13 +1,22 @@
 """The study state machine: the only code that changes a study's status.
 
-    QUEUED --claim--> RUNNING --finish--> SUCCEEDED
-       |                 |  \\--fail----> FAILED
-       |                 \\--requeue--> QUEUED   (lost worker, transient error, sweeper)
-       \\--fail--> FAILED                         (too many attempts, unreadable input)
+    QUEUED  --claim-------->  RUNNING    a worker takes the study
+    QUEUED  --touch_queued->  QUEUED     the sweeper re-sent its message
+    QUEUED  --fail--------->  FAILED     the sweeper requeued it, but its worker, token still
+                                         current, was alive and failed it (or fail by study id)
+    RUNNING --claim-------->  RUNNING    redelivery: a new worker takes over from a lost one
+    RUNNING --finish------->  SUCCEEDED
+    RUNNING --fail--------->  FAILED     bad input, no model, timeout, unexpected error
+    RUNNING --requeue------>  QUEUED     the sweeper found a lost job
 
-Every change is a compare-and-set UPDATE, so two workers holding copies of
-the same message cannot both win: ``claim`` hands out a token (the attempt
-number) and only the holder of the latest token may finish or fail the study.
+``TRANSITIONS`` lists every move; ``transition()`` is the one place that
+performs one. It refuses a move the table does not list before any SQL runs,
+and otherwise makes a compare-and-set UPDATE guarded by the allowed source
+states (and, for a claim holder, the claim token), so two workers holding
+copies of the same message cannot both win: ``claim`` hands out a token (the
+attempt number) and only the holder of the latest token may finish or fail
+the study. ``claim``, ``finish``, ``fail``, ``requeue`` and ``touch_queued`` are
+the moves callers use; each is one ``transition()`` plus its commit.
 """
 
 from __future__ import annotations
@@ -16,12 +25,13 @@ import enum
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from webapp.models import Prediction, Study, utcnow
+from webapp.models import Prediction, Study, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +45,27 @@ class StudyStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+# Every move a study can make, and nothing else (tests/webapp/test_transitions.py
+# checks that the functions below make exactly these moves).
 TRANSITIONS: dict[StudyStatus, frozenset[StudyStatus]] = {
-    StudyStatus.QUEUED: frozenset({StudyStatus.RUNNING, StudyStatus.FAILED}),
-    StudyStatus.RUNNING: frozenset(
-        {StudyStatus.SUCCEEDED, StudyStatus.FAILED, StudyStatus.QUEUED}
-    ),
+    StudyStatus.QUEUED: frozenset({
+        StudyStatus.RUNNING,  # claim
+        # fail: a worker the sweeper wrongly took for lost fails its study with a
+        # still-current token (requeue leaves attempts alone), or fail by study id.
+        StudyStatus.FAILED,
+        # touch_queued: the sweeper re-sent the message of a study nobody picked
+        # up, so its deadline (queued_at) restarts; the status stays QUEUED.
+        StudyStatus.QUEUED,
+    }),
+    StudyStatus.RUNNING: frozenset({
+        StudyStatus.SUCCEEDED,  # finish
+        StudyStatus.FAILED,  # fail (timeout, bad input, no model, too many attempts)
+        StudyStatus.QUEUED,  # requeue (the sweeper finding a lost job)
+        # claim on redelivery: the last worker was lost and the broker delivered
+        # the message again; the new worker takes over with a new token (one
+        # step for RUNNING -> QUEUED -> RUNNING), which makes the old token stale.
+        StudyStatus.RUNNING,
+    }),
     StudyStatus.SUCCEEDED: frozenset(),
     StudyStatus.FAILED: frozenset(),
 }
@@ -56,15 +82,8 @@ def can_transition(old: StudyStatus, new: StudyStatus) -> bool:
     return new in TRANSITIONS[old]
 
 
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes; every stored time is UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def start_queued(study: Study) -> None:
-    """Initial state of a new study, before it is added to the session."""
+    """Initial state of a new study, before it is added to the session (not a move: no old status)."""
     if study.status is not None:
         raise TransitionError(f"study {study.id} already has status {study.status}")
     study.status = StudyStatus.QUEUED
@@ -80,6 +99,61 @@ class Claim:
     token: int
 
 
+def _on_entry(target: StudyStatus) -> dict[str, Any]:
+    """The columns every move into `target` sets besides the status."""
+    now = utcnow()
+    if target is StudyStatus.QUEUED:
+        return {"queued_at": now}
+    if target is StudyStatus.RUNNING:
+        return {"started_at": now, "attempts": Study.attempts + 1}
+    if target is StudyStatus.SUCCEEDED:
+        return {"finished_at": now, "error_code": None, "error_message": None}
+    return {"finished_at": now}
+
+
+def transition(
+    session: Session,
+    study_id: str,
+    sources: StudyStatus | Iterable[StudyStatus],
+    target: StudyStatus,
+    *,
+    token: Claim | None = None,
+    **fields: Any,
+) -> bool:
+    """Move one study from any of `sources` to `target`; True if this call made the move.
+
+    A move the table does not list (any source -> target not in TRANSITIONS)
+    is a bug in the caller, not a race: it raises TransitionError before any
+    SQL runs. An allowed move is one compare-and-set UPDATE, guarded by the
+    study's status being one of `sources` and, when `token` is given, by
+    `attempts` still being the token; it sets the status, the timestamps of
+    the target (queued_at, started_at and attempts + 1, or finished_at; a
+    success clears the error) and any extra columns in `fields` (a failure's
+    error_code and error_message). It returns False, changing nothing, when
+    no row matched: the study is absent, in another state, or the token is
+    stale. Does not commit: the caller commits, or rolls back, after adding
+    what belongs to the same transaction.
+    """
+    sources = frozenset({sources} if isinstance(sources, StudyStatus) else sources)
+    if not sources:
+        raise ValueError("a transition needs at least one source state")
+    forbidden = sorted(s.value for s in sources if not can_transition(s, target))
+    if forbidden:
+        raise TransitionError(
+            f"study {study_id}: {', '.join(forbidden)} -> {target.value} is not in TRANSITIONS"
+        )
+    guards = [Study.id == study_id, Study.status.in_(sorted(s.value for s in sources))]
+    if token is not None:
+        guards.append(Study.attempts == token.token)
+    result = session.execute(
+        update(Study)
+        .where(*guards)
+        .values({**_on_entry(target), **fields, "status": target.value})
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
 def claim(session: Session, study_id: str, max_attempts: int) -> Claim | None:
     """QUEUED (or RUNNING, on redelivery) -> RUNNING; None if finished, absent or out of attempts.
 
@@ -87,14 +161,7 @@ def claim(session: Session, study_id: str, max_attempts: int) -> Claim | None:
     message takes it over (RUNNING -> QUEUED -> RUNNING in one step).
     Commits.
     """
-    now = utcnow()
-    result = session.execute(
-        update(Study)
-        .where(Study.id == study_id, Study.status.in_([s.value for s in PENDING]))
-        .values(status=StudyStatus.RUNNING, started_at=now, attempts=Study.attempts + 1)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
+    if not transition(session, study_id, PENDING, StudyStatus.RUNNING):
         session.rollback()
         return None
     attempts = session.execute(select(Study.attempts).where(Study.id == study_id)).scalar_one()
@@ -115,19 +182,8 @@ def finish(session: Session, token: Claim, predictions: Iterable[Prediction]) ->
     """RUNNING -> SUCCEEDED and the predictions, in one transaction. False if the token is stale."""
     # The UPDATE comes first: on PostgreSQL it locks the row, so a concurrent
     # finisher waits, then sees the changed attempt count and writes nothing.
-    result = session.execute(
-        update(Study)
-        .where(
-            Study.id == token.study_id,
-            Study.status == StudyStatus.RUNNING,
-            Study.attempts == token.token,
-        )
-        .values(
-            status=StudyStatus.SUCCEEDED, finished_at=utcnow(), error_code=None, error_message=None
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
+    if not transition(session, token.study_id, StudyStatus.RUNNING, StudyStatus.SUCCEEDED,
+                      token=token):
         session.rollback()
         log.warning("event=finish_discarded study=%s token=%s", token.study_id, token.token)
         return False
@@ -137,37 +193,20 @@ def finish(session: Session, token: Claim, predictions: Iterable[Prediction]) ->
 
 
 def fail(session: Session, token: Claim | str, code: str, message: str) -> bool:
-    """QUEUED/RUNNING -> FAILED with a reason users can read. A Claim must still be current."""
-    conditions = [Study.status.in_([s.value for s in PENDING])]
-    if isinstance(token, Claim):
-        study_id = token.study_id
-        conditions.append(Study.attempts == token.token)
-    else:
-        study_id = token
-    result = session.execute(
-        update(Study)
-        .where(Study.id == study_id, *conditions)
-        .values(status=StudyStatus.FAILED, finished_at=utcnow(), error_code=code,
-                error_message=message[:2000])
-        .execution_options(synchronize_session=False)
-    )
+    """QUEUED/RUNNING -> FAILED with a reason users can read. A Claim must still be current. Commits."""
+    claim_token = token if isinstance(token, Claim) else None
+    study_id = token.study_id if isinstance(token, Claim) else token
+    moved = transition(session, study_id, PENDING, StudyStatus.FAILED, token=claim_token,
+                       error_code=code, error_message=message[:2000])
     session.commit()
-    return result.rowcount == 1
+    return moved
 
 
 def requeue(session: Session, study_id: str, *, token: Claim | None = None) -> bool:
-    """RUNNING -> QUEUED (a transient error, or the sweeper finding a lost job). Commits."""
-    conditions = [Study.status == StudyStatus.RUNNING]
-    if token is not None:
-        conditions.append(Study.attempts == token.token)
-    result = session.execute(
-        update(Study)
-        .where(Study.id == study_id, *conditions)
-        .values(status=StudyStatus.QUEUED, queued_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    """RUNNING -> QUEUED (the sweeper finding a lost job); a token, if given, must be current. Commits."""
+    moved = transition(session, study_id, StudyStatus.RUNNING, StudyStatus.QUEUED, token=token)
     session.commit()
-    return result.rowcount == 1
+    return moved
 
 
 def attempts_so_far(session: Session, study_id: str) -> int:
@@ -195,11 +234,6 @@ def stale_studies(session: Session, older_than_s: float, limit: int = 500) -> li
 
 
 def touch_queued(session: Session, study_id: str) -> None:
-    """Restart a QUEUED study's deadline after re-sending its message (QUEUED -> QUEUED)."""
-    session.execute(
-        update(Study)
-        .where(Study.id == study_id, Study.status == StudyStatus.QUEUED)
-        .values(queued_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    """Restart a QUEUED study's deadline after re-sending its message (QUEUED -> QUEUED). Commits."""
+    transition(session, study_id, StudyStatus.QUEUED, StudyStatus.QUEUED)
     session.commit()
