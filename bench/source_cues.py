@@ -4,7 +4,7 @@
 
 For the raw decoded image and each ml.preprocess version, every image of the manifest is
 decoded, preprocessed to --size px (serving code) and reduced to the thumbnail baseline's
-32x32 features (ml.baseline). Then, on the shipped model's patient-disjoint split:
+32x32 features (ml.evaluation.baseline). Then, on the shipped model's patient-disjoint split:
 
 - source balanced accuracy (mean recall over collections; chance 1/k): thumbnails ->
   collection, 5-fold cross-validated over all images, folds disjoint by patient (the test
@@ -14,7 +14,7 @@ decoded, preprocessed to --size px (serving code) and reduced to the thumbnail b
   preprocessing should remove);
 - thumbnail baseline AUROC (COVID vs not): internal (train -> test) and leave one source out
   (train without the held-out source and its patients -> all of its images), as
-  ml.evaluate computes it.
+  ml.evaluation.evaluate computes it.
 
 A version that removes source cues lowers within-class source accuracy; one that removes
 them without the disease should also not raise the held-out baseline. This is a cheap screen
@@ -35,11 +35,16 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ml import data  # noqa: E402
-from ml.baseline import DEFAULT_C, ThumbnailBaseline, ThumbnailCache, logistic  # noqa: E402
-from ml.evaluate import select_records  # noqa: E402
+from ml.evaluation.baseline import (  # noqa: E402
+    DEFAULT_C,
+    ThumbnailBaseline,
+    ThumbnailCache,
+    logistic,
+)
+from ml.evaluation.evaluate import select_records  # noqa: E402
 from ml.imaging import decode_image  # noqa: E402
 from ml.preprocess import SUPPORTED_PREPROCESS_VERSIONS, preprocess_gray  # noqa: E402
+from ml.training import data  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cxr"
 SPLIT = ROOT / "models" / "current" / "split.csv"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ml.preprocess import PREPROCESS_VERSION, SUPPORTED_PREPROCESS_VERSIONS
+from ml.preprocess import PREPROCESS_VERSION, supported_versions
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -101,10 +101,10 @@ def _check_types(raw: dict[str, Any]) -> None:
 def _check_values(meta: ModelMetadata) -> None:
     if meta.format_version != FORMAT_VERSION:
         raise _invalid(f"unknown format_version {meta.format_version} (expected {FORMAT_VERSION})")
-    if meta.preprocess_version not in SUPPORTED_PREPROCESS_VERSIONS:
+    if meta.preprocess_version not in supported_versions():
         raise _invalid(
             f"model needs preprocess_version {meta.preprocess_version!r}, "
-            f"this code implements {SUPPORTED_PREPROCESS_VERSIONS}"
+            f"this code implements {supported_versions()}"
         )
     if meta.class_names != CLASS_NAMES:
         raise _invalid(f"class_names must be {CLASS_NAMES}, got {meta.class_names}")

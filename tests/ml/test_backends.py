@@ -56,7 +56,7 @@ def test_onnx_and_keras_agree_on_real_xrays(exported: Path):
 
 
 def test_forward_pass_cam_is_grad_cam(exported: Path):
-    from ml.explain import grad_cam
+    from ml.experiments.gradcam import grad_cam
     from ml.overlay import normalise_maps
 
     predictor = Predictor.load(exported, backend="keras")

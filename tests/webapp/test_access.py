@@ -131,7 +131,7 @@ def test_admins_see_every_study_and_clinicians_no_admin_page(app, client, admin_
 
 
 def test_uploads_belong_to_the_uploader(app, client, clinician_id):
-    from tests.webapp.test_api import png_bytes, post_files
+    from tests.conftest import png_bytes, post_files
 
     body = post_files(client, [("a.png", png_bytes())]).get_json()
     with app.app_context():

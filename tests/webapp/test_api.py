@@ -11,14 +11,7 @@ import pytest
 import redis
 from PIL import Image as PILImage
 
-from tests.conftest import TEST_REDIS_URL, real_xray_paths
-
-
-def png_bytes(size: tuple[int, int] = (64, 64), mode: str = "L") -> bytes:
-    """A valid PNG made on the spot."""
-    buf = io.BytesIO()
-    PILImage.new(mode, size, 128).save(buf, format="PNG")
-    return buf.getvalue()
+from tests.conftest import TEST_REDIS_URL, png_bytes, post_files, real_xray_paths
 
 
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -51,11 +44,6 @@ def dicom_without_pixels() -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
-
-
-def post_files(client, files, **form):
-    data = {"files": [(io.BytesIO(content), name) for name, content in files], **form}
-    return client.post("/api/v1/studies", data=data, content_type="multipart/form-data")
 
 
 def queued_messages(queue: str) -> list[dict]:

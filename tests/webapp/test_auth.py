@@ -11,8 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.accounts import PASSWORD, bearer_client, form_token, login, make_token, session_client
-from tests.conftest import ADMIN, CLINICIAN
-from tests.webapp.test_api import png_bytes, post_files
+from tests.conftest import ADMIN, CLINICIAN, png_bytes, post_files
 from webapp.config import Settings
 from webapp.extensions import db
 from webapp.models import ApiToken, AuditEvent, LoginSession, User, utcnow

@@ -8,8 +8,7 @@ import re
 import pytest
 
 from tests.accounts import session_client
-from tests.conftest import CLINICIAN, real_xray_paths
-from tests.webapp.test_api import png_bytes
+from tests.conftest import CLINICIAN, png_bytes, real_xray_paths
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from tests.conftest import real_xray_paths
-from tests.webapp.test_api import png_bytes
+from tests.conftest import png_bytes, real_xray_paths
 from webapp import jobs
 from webapp.extensions import db
 from webapp.jobs import StudyStatus
