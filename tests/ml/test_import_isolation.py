@@ -54,3 +54,18 @@ def test_pack_reading_side_needs_neither_tensorflow_nor_pydicom() -> None:
     # it imports besides Keras (reading packs, sampling) must not pull either in.
     loaded = _loaded_after_import(["ml.training.pack", "ml.training.data", "ml.artifact"])
     assert loaded.isdisjoint(["tensorflow", "keras", "pydicom"]), loaded
+
+
+def test_web_and_worker_never_import_training_evaluation_or_experiments() -> None:
+    code = (
+        "import json, sys\n"
+        "import webapp, worker.celery_app, worker.pipeline, worker.tasks\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('ml'))))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "ml.predictor" in loaded  # the worker's serving side is there: the check is not vacuous
+    assert not [m for m in loaded if m.split(".")[1:2] in (["training"], ["evaluation"], ["experiments"])]
