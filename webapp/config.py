@@ -6,11 +6,13 @@ Every setting has a default that runs the service locally (SQLite under
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_DIR = PROJECT_ROOT / "instance"
@@ -28,6 +30,19 @@ ENV_VARS: dict[str, str] = {
     "MAX_IMAGE_PIXELS": "largest decoded image in pixels; default 60000000",
     "MAX_FILES_PER_STUDY": "most images in one study; default 16",
     "STORE_DICOM_IDENTIFIERS": "store DICOM uploads as sent (1/0); with 0 they are de-identified (PS3.15 Basic Profile) before they are stored; default 0",
+    "DICOM_LISTENER": "start the DICOM storage listener with `make run` (1/0); default 0",
+    "DICOM_AE_TITLE": "the listener's AE title, also the calling AE title when results are sent; default COVIDCXR",
+    "DICOM_BIND": "address the DICOM listener binds; default 127.0.0.1 (docker compose: 0.0.0.0)",
+    "DICOM_PORT": "TCP port of the DICOM listener; default 11112",
+    "DICOM_ALLOWED_CALLING_AETS": "comma-separated calling AE titles the listener accepts; empty refuses every association; default empty",
+    "DICOM_OWNER_EMAIL": "the account that owns studies received over DICOM (the listener does not start without it); default empty",
+    "DICOM_SETTLE_S": "seconds without a new image of a StudyInstanceUID before the listener queues it as one study; default 2",
+    "PACS_DESTINATION": "where results go back: dicom://AET@host:port (C-STORE) or http(s)://host/dicom-web (STOW-RS); empty sends nothing; default empty",
+    "PACS_STOW_AUTHORIZATION": "Authorization header sent with STOW-RS to PACS_DESTINATION (e.g. Basic ...); default none",
+    "PACS_TIMEOUT_S": "seconds to connect to, and wait for, the PACS on each send; default 30",
+    "PACS_SEND_MAX_ATTEMPTS": "attempts at sending one study's results before the send is marked failed; default 12",
+    "PACS_RETRY_BASE_S": "wait before the first retry of a failed send, doubling each time; default 15",
+    "PACS_RETRY_MAX_S": "longest wait between two attempts of a send; default 1800",
     "TASK_SOFT_TIME_LIMIT": "seconds before a study task is interrupted; default 300",
     "TASK_MAX_ATTEMPTS": "deliveries of one study before it FAILS; default 3",
     "STALE_AFTER_S": "seconds a QUEUED/RUNNING study may sit before the sweeper re-enqueues it; default 600",
@@ -69,6 +84,45 @@ def _flag(env: dict[str, str], name: str, default: bool) -> bool:
     return raw not in ("0", "false", "no", "off")
 
 
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {raw!r}")
+    return value
+
+
+def _ae_title(value: str, name: str) -> str:
+    """An AE title: 1-16 characters of printable ASCII without backslash, not all spaces."""
+    value = value.strip()
+    if not value or len(value) > 16 or not value.isascii() or not value.isprintable() or "\\" in value:
+        raise ValueError(f"{name}: {value!r} is not an AE title (1-16 printable ASCII characters)")
+    return value
+
+
+def _destination(raw: str) -> dict[str, Any] | None:
+    """PACS_DESTINATION as {"kind": "dimse", ae_title, host, port} or {"kind": "stow", url}."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme == "dicom":
+        if not parts.username or not parts.hostname or not parts.port:
+            raise ValueError(f"PACS_DESTINATION must look like dicom://AET@host:port, got {raw!r}")
+        ae_title = _ae_title(unquote(parts.username), "PACS_DESTINATION")
+        return {"kind": "dimse", "ae_title": ae_title, "host": parts.hostname, "port": parts.port,
+                "label": f"dicom://{ae_title}@{parts.hostname}:{parts.port}"}
+    if parts.scheme in ("http", "https") and parts.hostname and not parts.username:
+        return {"kind": "stow", "url": raw.rstrip("/"), "label": raw.rstrip("/")}
+    raise ValueError("PACS_DESTINATION must be dicom://AET@host:port or an http(s) DICOMweb "
+                     f"root without credentials, got {raw!r}")
+
+
 def _choice(env: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
     value = (env.get(name) or default).lower()
     if value not in allowed:
@@ -105,6 +159,19 @@ class Settings:
     max_image_pixels: int = 60_000_000
     max_files_per_study: int = 16
     store_dicom_identifiers: bool = False
+    dicom_listener: bool = False
+    dicom_ae_title: str = "COVIDCXR"
+    dicom_bind: str = "127.0.0.1"
+    dicom_port: int = 11112
+    dicom_allowed_calling_aets: tuple[str, ...] = ()
+    dicom_owner_email: str = ""
+    dicom_settle_s: float = 2.0
+    pacs_destination: dict[str, Any] | None = None
+    pacs_stow_authorization: str = ""
+    pacs_timeout_s: float = 30.0
+    pacs_send_max_attempts: int = 12
+    pacs_retry_base_s: float = 15.0
+    pacs_retry_max_s: float = 1800.0
     task_soft_time_limit: int = 300
     task_max_attempts: int = 3
     stale_after_s: int = 600
@@ -144,6 +211,22 @@ class Settings:
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 60_000_000),
             max_files_per_study=_int(env, "MAX_FILES_PER_STUDY", 16),
             store_dicom_identifiers=_flag(env, "STORE_DICOM_IDENTIFIERS", False),
+            dicom_listener=_flag(env, "DICOM_LISTENER", False),
+            dicom_ae_title=_ae_title(env.get("DICOM_AE_TITLE") or "COVIDCXR", "DICOM_AE_TITLE"),
+            dicom_bind=env.get("DICOM_BIND") or "127.0.0.1",
+            dicom_port=_int(env, "DICOM_PORT", 11112),
+            dicom_allowed_calling_aets=tuple(
+                _ae_title(a, "DICOM_ALLOWED_CALLING_AETS")
+                for a in (env.get("DICOM_ALLOWED_CALLING_AETS") or "").split(",") if a.strip()
+            ),
+            dicom_owner_email=(env.get("DICOM_OWNER_EMAIL") or "").strip(),
+            dicom_settle_s=_float(env, "DICOM_SETTLE_S", 2.0),
+            pacs_destination=_destination(env.get("PACS_DESTINATION") or ""),
+            pacs_stow_authorization=env.get("PACS_STOW_AUTHORIZATION") or "",
+            pacs_timeout_s=_float(env, "PACS_TIMEOUT_S", 30.0),
+            pacs_send_max_attempts=_int(env, "PACS_SEND_MAX_ATTEMPTS", 12),
+            pacs_retry_base_s=_float(env, "PACS_RETRY_BASE_S", 15.0),
+            pacs_retry_max_s=_float(env, "PACS_RETRY_MAX_S", 1800.0),
             task_soft_time_limit=_int(env, "TASK_SOFT_TIME_LIMIT", 300),
             task_max_attempts=_int(env, "TASK_MAX_ATTEMPTS", 3),
             stale_after_s=_int(env, "STALE_AFTER_S", 600),
@@ -177,6 +260,18 @@ class Settings:
             "MAX_IMAGE_PIXELS": self.max_image_pixels,
             "MAX_FILES_PER_STUDY": self.max_files_per_study,
             "STORE_DICOM_IDENTIFIERS": self.store_dicom_identifiers,
+            "DICOM_AE_TITLE": self.dicom_ae_title,
+            "DICOM_BIND": self.dicom_bind,
+            "DICOM_PORT": self.dicom_port,
+            "DICOM_ALLOWED_CALLING_AETS": list(self.dicom_allowed_calling_aets),
+            "DICOM_OWNER_EMAIL": self.dicom_owner_email,
+            "DICOM_SETTLE_S": self.dicom_settle_s,
+            "PACS_DESTINATION": self.pacs_destination,
+            "PACS_STOW_AUTHORIZATION": self.pacs_stow_authorization,
+            "PACS_TIMEOUT_S": self.pacs_timeout_s,
+            "PACS_SEND_MAX_ATTEMPTS": self.pacs_send_max_attempts,
+            "PACS_RETRY_BASE_S": self.pacs_retry_base_s,
+            "PACS_RETRY_MAX_S": self.pacs_retry_max_s,
             "MODEL_DIR": str(self.model_dir),
             "TASK_MAX_ATTEMPTS": self.task_max_attempts,
             "STALE_AFTER_S": self.stale_after_s,
@@ -220,6 +315,11 @@ class Settings:
                 "beat_schedule": {
                     "requeue-stale-studies": {
                         "task": "worker.tasks.requeue_stale_studies",
+                        "schedule": float(self.sweep_interval_s),
+                    },
+                    # Results still owed to the PACS: due retries and sends a lost worker left.
+                    "resend-pacs-results": {
+                        "task": "worker.pacs_tasks.resend_pacs_results",
                         "schedule": float(self.sweep_interval_s),
                     },
                 },
