@@ -1,11 +1,16 @@
-"""Turn an upload (files + optional references) into a stored, queued study, or a clear error."""
+"""Turn an upload (files + optional references) into a stored, queued study, or a clear error.
+
+`create_study` is the web upload; the DICOM listener and STOW-RS (webapp/pacs/) use its
+steps one by one (`check_image`, `deidentify_image`, `store_study`), so every way in has
+the same limits, errors, de-identification and queuing.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from flask import current_app
@@ -41,7 +46,9 @@ class UploadError(Exception):
 
 
 @dataclass(frozen=True)
-class _Checked:
+class CheckedImage:
+    """One file that passed decode_image: its name, the bytes to store and what was decoded."""
+
     filename: str
     data: bytes
     image: DecodedImage
@@ -66,37 +73,50 @@ def _display_name(upload: FileStorage, position: int) -> str:
     return name or f"image-{position + 1}"
 
 
-def _check_file(upload: FileStorage, position: int, limits: Limits) -> _Checked:
-    name = _display_name(upload, position)
-    data = upload.read(limits.max_bytes + 1)
+def image_limits() -> Limits:
+    """The per-image limits of the current app's settings."""
+    return Limits(
+        max_bytes=current_app.config["MAX_IMAGE_BYTES"],
+        max_pixels=current_app.config["MAX_IMAGE_PIXELS"],
+    )
+
+
+def check_image(name: str, data: bytes, limits: Limits) -> CheckedImage:
+    """Decode and validate one file; UploadError with the upload's HTTP status and code if unusable."""
     try:
         image = decode_image(data, limits)
     except ImageError as exc:
         status = IMAGE_ERROR_STATUS.get(exc.code, 422)
         raise UploadError(status, exc.code, f"{name}: {exc.message}") from exc
-    return _Checked(name, data, image)
+    return CheckedImage(name, data, image)
 
 
-def _deidentify_dicoms(checked: list[_Checked]) -> list[_Checked]:
+def _check_file(upload: FileStorage, position: int, limits: Limits) -> CheckedImage:
+    return check_image(_display_name(upload, position), upload.read(limits.max_bytes + 1), limits)
+
+
+def deidentify_image(
+    deidentifier: StudyDeidentifier, item: CheckedImage, position: int = 0
+) -> CheckedImage:
+    """A DICOM file with the PS3.15 Basic Profile applied (others unchanged); UploadError 422 if it cannot be."""
+    if item.image.media_type != DICOM:
+        return item
+    try:
+        data = deidentifier.deidentify(item.data)
+    except DeidentificationError as exc:
+        log.warning("event=deidentification_failed position=%d cause=%s", position, exc.cause)
+        raise UploadError(
+            422, "deidentification_failed", f"{item.filename}: {exc.message}; nothing was stored"
+        ) from None
+    # Decoded from the original: the check in deidentify() proves the pixels are the same.
+    attributes = {**item.image.attributes, "PatientIdentityRemoved": "YES"}
+    return replace(item, data=data, image=replace(item.image, attributes=attributes))
+
+
+def _deidentify_dicoms(checked: list[CheckedImage]) -> list[CheckedImage]:
     """Apply the PS3.15 Basic Profile to every DICOM file, with one UID mapping per upload."""
     deidentifier = StudyDeidentifier()
-    out = []
-    for position, item in enumerate(checked):
-        if item.image.media_type != DICOM:
-            out.append(item)
-            continue
-        try:
-            data = deidentifier.deidentify(item.data)
-        except DeidentificationError as exc:
-            log.warning("event=deidentification_failed position=%d cause=%s", position, exc.cause)
-            raise UploadError(
-                422, "deidentification_failed", f"{item.filename}: {exc.message}; nothing was stored"
-            ) from None
-        # Decoded from the original: the check in deidentify() proves the pixels are the same.
-        attributes = {**item.image.attributes, "PatientIdentityRemoved": "YES"}
-        image = replace(item.image, attributes=attributes)
-        out.append(replace(item, data=data, image=image))
-    return out
+    return [deidentify_image(deidentifier, item, position) for position, item in enumerate(checked)]
 
 
 def create_study(
@@ -115,14 +135,26 @@ def create_study(
         raise UploadError(400, "too_many_files", f"a study holds at most {max_files} images")
     patient_ref = _clean_reference(patient_ref, "patient_ref")
     accession = _clean_reference(accession, "accession")
-    limits = Limits(
-        max_bytes=current_app.config["MAX_IMAGE_BYTES"],
-        max_pixels=current_app.config["MAX_IMAGE_PIXELS"],
-    )
+    limits = image_limits()
     checked = [_check_file(upload, i, limits) for i, upload in enumerate(files)]
     if not current_app.config["STORE_DICOM_IDENTIFIERS"]:
         checked = _deidentify_dicoms(checked)
+    return store_study(checked, patient_ref=patient_ref, accession=accession, owner_id=owner_id)
 
+
+def store_study(
+    checked: Sequence[CheckedImage],
+    *,
+    patient_ref: str | None = None,
+    accession: str | None = None,
+    owner_id: int | None = None,
+    before_commit: Callable[[Study], None] | None = None,
+) -> Study:
+    """Store checked images as one QUEUED study in one transaction, then enqueue it.
+
+    `before_commit` adds rows that must commit with the study (the DICOM listener's
+    record of where the study came from), so a worker never sees one without the other.
+    """
     study = Study(owner_id=owner_id, patient_ref=patient_ref, accession=accession)
     jobs.start_queued(study)
     for position, item in enumerate(checked):
@@ -141,6 +173,9 @@ def create_study(
             )
         )
     db.session.add(study)
+    if before_commit is not None:
+        db.session.flush()  # the study id, for rows that point at it
+        before_commit(study)
     db.session.commit()
     log.info("event=study_created study=%s images=%d", study.id, len(checked))
     enqueue_study(study.id)
