@@ -42,6 +42,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
 
     from webapp import models  # noqa: F401  (register tables with the metadata)
+    from webapp.pacs import models as pacs_models  # noqa: F401  (the PACS round trip's tables)
     from webapp.admin import bp as admin_bp
     from webapp.api.routes import bp as api_bp
     from webapp.auth.routes import bp as auth_bp

@@ -1,0 +1,12 @@
+"""The hospital's imaging workflow: studies in from the PACS (DICOM listener, STOW-RS), results back.
+
+models      dicom_origins (where a study came from; the original identifiers until sent) and
+            pacs_sends (one study's results on their way back)
+identity    what to keep of a received object's identifiers, and putting them back
+intake      received DICOM objects -> studies, through webapp.uploads' steps
+listener    the C-STORE SCP process (`python -m webapp.pacs.listener`)
+stow        POST /dicomweb/studies (STOW-RS)
+reports     the structured report and the heatmap secondary captures (pydicom only)
+transport   C-STORE and STOW-RS clients
+sends       the only code that changes a pacs_sends row
+"""
