@@ -21,6 +21,8 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "weights.npz"
 CLASS_NAMES = ["non-covid", "covid"]
+# Classifier backbones ml.model can build (architecture "name" in metadata).
+ARCHITECTURES = ("resnet50", "efficientnet-lite0", "efficientnet-lite2")
 WEIGHTS_DTYPES = ("float16", "float32")
 DEFAULT_NOTICE = "Research use only. Not for diagnosis."
 
@@ -122,7 +124,7 @@ def _check_values(meta: ModelMetadata) -> None:
     arch = meta.architecture
     dropout = arch.get("dropout", 0.0)
     if (
-        arch.get("name") != "resnet50"
+        arch.get("name") not in ARCHITECTURES
         or arch.get("input_size") != meta.input_size
         or isinstance(dropout, bool)
         or not isinstance(dropout, int | float)

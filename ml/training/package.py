@@ -35,7 +35,7 @@ def package(
     run_dir: Path, manifest: str, split_file: str, out: Path, target: float
 ) -> ModelMetadata:
     """Write the artifact for run_dir to out and return its metadata."""
-    from ml.model import architecture, build_resnet50
+    from ml.model import architecture, build_classifier
     from ml.training.outputs import export, write_reports
 
     try:
@@ -59,11 +59,12 @@ def package(
             f"(sha256 {sha[:12]}, the pack's {meta['split_sha256'][:12]})"
         )
     size = meta["input_size"]
-    model = build_resnet50(size, dropout=architecture(size)["dropout"])
+    arch = architecture(size, backbone=run["args"].get("backbone", "resnet50"))
+    model = build_classifier(arch)
     try:
         model.set_weights(weights)
     except ValueError as exc:
-        raise PackageError(f"the run's weights do not fit ResNet50 at {size} px: {exc}") from exc
+        raise PackageError(f"the run's weights do not fit {arch['name']} at {size} px: {exc}") from exc
     out.mkdir(parents=True, exist_ok=True)
     written_sha = data.write_split(split, out / "split.csv")
     training_data = {
@@ -75,6 +76,8 @@ def package(
         "images_without_patient_id": "train only",
         "balance_sources": run["args"].get("balance_sources", False),
         "objective": "plain",
+        "backbone": arch["name"],
+        "init": run["args"].get("init", "none"),
         "augment": run["args"]["augment"],
         "input_size": size,
         "seed": run["args"]["seed"],
@@ -87,7 +90,7 @@ def package(
         model,
         state,
         training_data,
-        input_size=size,
+        arch=arch,
         preprocess_version=meta["preprocess_version"],
         target_sensitivity=target,
     )

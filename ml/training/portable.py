@@ -28,7 +28,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from ml.model import architecture, build_resnet50  # noqa: E402
+from ml.model import architecture, build_classifier  # noqa: E402
 from ml.preprocess import IMAGENET_BGR_MEAN, to_caffe  # noqa: E402
 from ml.training.config import PortableConfig, add_recipe_arguments  # noqa: E402
 from ml.training.data import (  # noqa: E402
@@ -42,6 +42,7 @@ from ml.training.data import (  # noqa: E402
     target_class_weights,
 )
 from ml.training.pack import HELDOUT, PACKED_SPLITS, Pack, read_pack  # noqa: E402
+from ml.training.phases import schedule, set_phase  # noqa: E402
 
 WEIGHTS_FILE = "classifier_weights.npz"
 RUN_FILE = "run.json"
@@ -118,6 +119,7 @@ class BestAndDeadline(keras.callbacks.Callback):
         self.clock = clock
         self.classifier, self.patience, self.budget_s = classifier, patience, budget_s
         self.best, self.best_epoch, self.best_weights = -1.0, 0, None
+        self.may_stop = True
         self.history: list[dict] = []
         self.stop_reason = "epochs"
         self.start = clock()
@@ -136,7 +138,7 @@ class BestAndDeadline(keras.callbacks.Callback):
             self.best, self.best_epoch = row["val_auc"], epoch + 1
             self.best_weights = [np.array(w) for w in self.classifier.get_weights()]
         print(json.dumps({"event": "epoch", **row}), flush=True)
-        if epoch + 1 - self.best_epoch >= self.patience:
+        if self.may_stop and epoch + 1 - self.best_epoch >= self.patience:
             self.model.stop_training, self.stop_reason = True, "patience"
         elif self.budget_s is not None and now - self.start + self.next_epoch_s() > self.budget_s:
             self.model.stop_training, self.stop_reason = True, "time budget"
@@ -251,17 +253,10 @@ def train(pack: Pack, config: PortableConfig) -> dict:
     size = pack.meta["input_size"]
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(policy)
-    arch = architecture(size)
-    classifier = build_resnet50(
-        size, dropout=arch["dropout"], seed=config.seed, output_dtype="float32"
-    )
+    arch = architecture(size, backbone=config.backbone)
+    init = "imagenet" if config.init == "imagenet" else None
+    classifier = build_classifier(arch, weights=init, seed=config.seed, output_dtype="float32")
     model = training_model(classifier, size, config.augment, config.seed)
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.lr),
-        loss="binary_crossentropy",
-        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
-        jit_compile="auto",
-    )
     x, y = pack.gray["train"][..., None], pack.target["train"].astype(np.float32)
     weights = target_class_weights(pack.target["train"])
     val = (pack.gray["val"][..., None], pack.target["val"].astype(np.float32)[:, None])
@@ -293,14 +288,26 @@ def train(pack: Pack, config: PortableConfig) -> dict:
     else:
         inputs = {"x": x, "y": y[:, None], "sample_weight": weights, "batch_size": batch_size}
     start = time.perf_counter()
-    model.fit(
-        **inputs,
-        epochs=config.epochs,
-        validation_data=val,
-        callbacks=[*watch, plateau, keeper],
-        shuffle=True,
-        verbose=config.verbose,
-    )
+    for phase, first, last, lr in schedule(config):
+        if keeper.stop_reason != "epochs":  # patience or the time budget ended the run
+            break
+        set_phase(classifier, phase)
+        keeper.may_stop = phase != "head"  # the frozen-backbone warm-up always runs in full
+        model.compile(
+            optimizer=keras.optimizers.Adam(lr),
+            loss="binary_crossentropy",
+            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+            jit_compile="auto",
+        )
+        model.fit(
+            **inputs,
+            epochs=last,
+            initial_epoch=first,
+            validation_data=val,
+            callbacks=[*watch, plateau, keeper],
+            shuffle=True,
+            verbose=config.verbose,
+        )
     seconds = time.perf_counter() - start
     if keeper.best_weights is None:
         raise RuntimeError("no epoch finished")

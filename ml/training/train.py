@@ -26,6 +26,7 @@ import tensorflow as tf  # noqa: E402
 import ml.experiments.preprocessing  # noqa: E402,F401  (registers versions 3 and 4)
 from ml.artifact import ModelMetadata  # noqa: E402
 from ml.experiments import add_objective_arguments, objective_from  # noqa: E402
+from ml.model import architecture  # noqa: E402
 from ml.training import data  # noqa: E402
 from ml.training.checkpoints import CHECKPOINT_DIR, prepare_out, write_training_config  # noqa: E402
 from ml.training.config import (  # noqa: E402
@@ -109,16 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_arguments(g, default_size=128)
     g.add_argument(
         "--weights",
-        metavar="imagenet|FILE",
-        help="backbone init: random (default), 'imagenet' (Keras download or cache), or a "
-        "local ResNet50 notop weights file. Pretrained weights mean two phases: "
-        "--warmup-epochs with the backbone frozen, then all but BatchNorm at --lr/10",
-    )
-    g.add_argument(
-        "--warmup-epochs",
-        type=int,
-        default=3,
-        help="head-only epochs with pretrained weights (default: %(default)s)",
+        metavar="FILE",
+        help="a local backbone weights file (e.g. Keras' ResNet50 notop .h5, or an "
+        "EfficientNet-Lite .npz from ml.training.pretrained): pretrained, two phases as "
+        "--init imagenet",
     )
     g.add_argument(
         "--hflip",
@@ -243,6 +238,8 @@ def run(config: TrainConfig, objective: Objective = PLAIN) -> ModelMetadata:
         "excluded_labels": sorted(config.exclude_label),
         "images_without_patient_id": "train only",
         "balance_sources": config.balance_sources,
+        "backbone": config.backbone,
+        "init": "file" if config.weights else config.init,
         **objective.describe(),
         "augment": config.augment,
         "input_size": config.input_size,
@@ -254,7 +251,7 @@ def run(config: TrainConfig, objective: Objective = PLAIN) -> ModelMetadata:
         model,
         state,
         training_data,
-        input_size=config.input_size,
+        arch=architecture(config.input_size, backbone=config.backbone),
         preprocess_version=config.preprocess_version,
         target_sensitivity=config.target_sensitivity,
     )
