@@ -45,8 +45,10 @@ ENV_VARS: dict[str, str] = {
     "PACS_RETRY_MAX_S": "longest wait between two attempts of a send; default 1800",
     "TASK_SOFT_TIME_LIMIT": "seconds before a study task is interrupted; default 300",
     "TASK_MAX_ATTEMPTS": "deliveries of one study before it FAILS; default 3",
-    "STALE_AFTER_S": "seconds a QUEUED/RUNNING study may sit before the sweeper re-enqueues it; default 600",
-    "SWEEP_INTERVAL_S": "seconds between sweeper runs (celery beat); default 60",
+    "STALE_AFTER_S": "seconds a QUEUED study may wait, or a RUNNING one run, before the sweeper re-enqueues it; default 600",
+    "LEASE_S": "seconds a RUNNING study stays claimed without a heartbeat from its worker; after that the sweeper takes the worker for lost and re-enqueues the study; default 30",
+    "HEARTBEAT_S": "seconds between a worker's heartbeats on the studies it is running; at most LEASE_S / 2; default 10",
+    "SWEEP_INTERVAL_S": "seconds between sweeper runs (celery beat); default 10",
     "GRADCAM": "compute a Grad-CAM heatmap per image (1/0); default 1",
     "INFERENCE_BACKEND": "auto | onnx | keras; auto = ONNX Runtime when the artifact has an ONNX export and no GPU is visible, else Keras; default auto",
     "BATCH_MAX_SIZE": "most images one worker process runs through the model at once; default 16",
@@ -130,6 +132,15 @@ def _choice(env: dict[str, str], name: str, allowed: tuple[str, ...], default: s
     return value
 
 
+def _lease(env: dict[str, str]) -> int:
+    """LEASE_S, checked against HEARTBEAT_S: a lease must outlive two missed heartbeats."""
+    lease, heartbeat = _int(env, "LEASE_S", 30), _int(env, "HEARTBEAT_S", 10)
+    if heartbeat < 1 or lease < 2 * heartbeat:
+        raise ValueError(f"HEARTBEAT_S must be at least 1 and at most LEASE_S / 2, got "
+                         f"HEARTBEAT_S={heartbeat} LEASE_S={lease}")
+    return lease
+
+
 def _secret_key(env: dict[str, str]) -> str:
     """Read SECRET_KEY, or keep a random one in instance/ so restarts keep sessions."""
     if env.get("SECRET_KEY"):
@@ -175,7 +186,10 @@ class Settings:
     task_soft_time_limit: int = 300
     task_max_attempts: int = 3
     stale_after_s: int = 600
-    sweep_interval_s: int = 60
+    # A dead worker's study is re-run within about lease_s + sweep_interval_s.
+    lease_s: int = 30
+    heartbeat_s: int = 10
+    sweep_interval_s: int = 10
     gradcam: bool = True
     inference_backend: str = "auto"
     batch_max_size: int = 16
@@ -230,7 +244,9 @@ class Settings:
             task_soft_time_limit=_int(env, "TASK_SOFT_TIME_LIMIT", 300),
             task_max_attempts=_int(env, "TASK_MAX_ATTEMPTS", 3),
             stale_after_s=_int(env, "STALE_AFTER_S", 600),
-            sweep_interval_s=_int(env, "SWEEP_INTERVAL_S", 60),
+            lease_s=_lease(env),
+            heartbeat_s=_int(env, "HEARTBEAT_S", 10),
+            sweep_interval_s=_int(env, "SWEEP_INTERVAL_S", 10),
             gradcam=env.get("GRADCAM", "1") not in ("0", "false", "no"),
             inference_backend=_choice(env, "INFERENCE_BACKEND", ("auto", "onnx", "keras"), "auto"),
             batch_max_size=_int(env, "BATCH_MAX_SIZE", 16),
@@ -275,6 +291,8 @@ class Settings:
             "MODEL_DIR": str(self.model_dir),
             "TASK_MAX_ATTEMPTS": self.task_max_attempts,
             "STALE_AFTER_S": self.stale_after_s,
+            "LEASE_S": self.lease_s,
+            "HEARTBEAT_S": self.heartbeat_s,
             "GRADCAM": self.gradcam,
             "INFERENCE_BACKEND": self.inference_backend,
             "BATCH_MAX_SIZE": self.batch_max_size,

@@ -17,6 +17,10 @@ copies of the same message cannot both win: ``claim`` hands out a token (the
 attempt number) and only the holder of the latest token may finish or fail
 the study. ``claim``, ``finish``, ``fail``, ``requeue`` and ``touch_queued`` are
 the moves callers use; each is one ``transition()`` plus its commit.
+
+``heartbeat`` is no move: the worker holding a claim renews its study's
+``heartbeat_at`` while it runs (guarded by the token, like finish), and
+``stale_studies`` tells the sweeper which RUNNING studies stopped beating.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from webapp.models import Prediction, Study, as_utc, utcnow
@@ -105,7 +109,7 @@ def _on_entry(target: StudyStatus) -> dict[str, Any]:
     if target is StudyStatus.QUEUED:
         return {"queued_at": now}
     if target is StudyStatus.RUNNING:
-        return {"started_at": now, "attempts": Study.attempts + 1}
+        return {"started_at": now, "heartbeat_at": now, "attempts": Study.attempts + 1}
     if target is StudyStatus.SUCCEEDED:
         return {"finished_at": now, "error_code": None, "error_message": None}
     return {"finished_at": now}
@@ -215,25 +219,65 @@ def attempts_so_far(session: Session, study_id: str) -> int:
     return int(value or 0)
 
 
-def stale_studies(session: Session, older_than_s: float, limit: int = 500) -> list[str]:
-    """Pending studies whose last state change is older than the deadline: re-enqueue candidates."""
-    deadline = utcnow() - timedelta(seconds=older_than_s)
+def heartbeat(session: Session, tokens: Iterable[Claim]) -> set[str]:
+    """Renew heartbeat_at of the RUNNING studies these claims still hold; returns their ids. Commits.
+
+    Not a move (the status stays RUNNING): a stale token renews nothing, so a
+    worker the sweeper took for lost cannot keep alive a study another worker
+    has claimed since.
+    """
+    tokens = list(tokens)
+    if not tokens:
+        return set()
+    renewed = session.execute(
+        update(Study)
+        .where(Study.status == StudyStatus.RUNNING.value,
+               or_(*(and_(Study.id == t.study_id, Study.attempts == t.token) for t in tokens)))
+        .values(heartbeat_at=utcnow())
+        .returning(Study.id)
+        .execution_options(synchronize_session=False)
+    ).scalars().all()
+    session.commit()
+    return set(renewed)
+
+
+def stale_studies(session: Session, older_than_s: float, lease_s: float | None = None,
+                  limit: int = 500) -> list[Claim]:
+    """Pending studies to re-enqueue, each with its attempt count to guard the requeue; reads only.
+
+    QUEUED: waiting longer than `older_than_s` (its message was lost). RUNNING:
+    no heartbeat for `lease_s` (its worker died), or running longer than
+    `older_than_s` whatever the heartbeat says.
+    """
+    now = utcnow()
+    deadline = now - timedelta(seconds=older_than_s)
+    lease_deadline = now - timedelta(seconds=lease_s) if lease_s is not None else deadline
     rows = session.execute(
-        select(Study.id, Study.status, Study.queued_at, Study.started_at)
+        select(Study.id, Study.status, Study.attempts, Study.queued_at, Study.started_at,
+               Study.heartbeat_at)
         .where(Study.status.in_([s.value for s in PENDING]))
         .order_by(Study.created_at)
         .limit(limit)
     ).all()
     stale = []
-    for study_id, status, queued_at, started_at in rows:
-        since = started_at if status == StudyStatus.RUNNING else queued_at
-        since = as_utc(since)
-        if since is None or since < deadline:
-            stale.append(study_id)
+    for study_id, status, attempts, queued_at, started_at, heartbeat_at in rows:
+        if status == StudyStatus.RUNNING:
+            started = as_utc(started_at)
+            alive = as_utc(heartbeat_at) or started
+            lost = started is None or started < deadline or alive < lease_deadline
+        else:
+            queued = as_utc(queued_at)
+            lost = queued is None or queued < deadline
+        if lost:
+            stale.append(Claim(study_id, attempts))
     return stale
 
 
-def touch_queued(session: Session, study_id: str) -> None:
-    """Restart a QUEUED study's deadline after re-sending its message (QUEUED -> QUEUED). Commits."""
-    transition(session, study_id, StudyStatus.QUEUED, StudyStatus.QUEUED)
+def touch_queued(session: Session, study_id: str) -> bool:
+    """Restart a QUEUED study's deadline after re-sending its message (QUEUED -> QUEUED). Commits.
+
+    False if the study is no longer QUEUED (claimed or finished meanwhile): send nothing then.
+    """
+    moved = transition(session, study_id, StudyStatus.QUEUED, StudyStatus.QUEUED)
     session.commit()
+    return moved

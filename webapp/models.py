@@ -137,6 +137,9 @@ class Study(db.Model):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The last sign of life of the worker holding the claim (attempts), renewed while it runs;
+    # a RUNNING study whose heartbeat is older than LEASE_S has lost its worker.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The confirmed outcome (ground truth) a clinician records: positive/negative/unknown.
     pcr_result: Mapped[str | None] = mapped_column(String(16), index=True)
     pcr_recorded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

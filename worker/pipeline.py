@@ -19,10 +19,12 @@ from webapp import jobs
 from webapp.extensions import db
 from webapp.models import Image, Prediction
 from worker.isolation import Isolation
+from worker.leases import Leases
 from worker.model_cache import get_batcher
 
 log = logging.getLogger(__name__)
 _isolation = Isolation()
+_leases = Leases()
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ def _run(study_id: str, config: Any) -> str:
     if token is None:
         log.info("event=study_skipped study=%s", study_id)
         return "skipped"
+    with _leases.hold(token):  # heartbeats until the result or the failure is written
+        return _work(study_id, token, config)
+
+
+def _work(study_id: str, token: jobs.Claim, config: Any) -> str:
     started = time.perf_counter()
     try:
         images = _load_images(study_id)
@@ -120,12 +127,20 @@ def _run(study_id: str, config: Any) -> str:
 
 
 def requeue_stale(send: Callable[[str], object]) -> int:
-    """Re-enqueue studies past the deadline; the database says which, the broker is only told."""
-    stale = jobs.stale_studies(db.session, current_app.config["STALE_AFTER_S"])
-    for study_id in stale:
-        if not jobs.requeue(db.session, study_id):
-            jobs.touch_queued(db.session, study_id)
-        send(study_id)
-        log.warning("event=study_requeued study=%s", study_id)
+    """Re-enqueue lost studies (no heartbeat for LEASE_S, or past STALE_AFTER_S); returns how many.
+
+    The database says which, the broker is only told. The requeue is guarded
+    by the attempt count the sweep read, so a study a new worker claimed in
+    the meantime is left to it, and nothing is sent for it.
+    """
+    config = current_app.config
+    sent = 0
+    for stale in jobs.stale_studies(db.session, config["STALE_AFTER_S"], config["LEASE_S"]):
+        was_running = jobs.requeue(db.session, stale.study_id, token=stale)
+        if was_running or jobs.touch_queued(db.session, stale.study_id):
+            send(stale.study_id)
+            sent += 1
+            log.warning("event=study_requeued study=%s attempts=%d was=%s", stale.study_id,
+                        stale.token, "running" if was_running else "queued")
     db.session.remove()
-    return len(stale)
+    return sent

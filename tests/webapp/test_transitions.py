@@ -26,7 +26,7 @@ EDGES = {(old, new) for old, targets in TRANSITIONS.items() for new in targets}
 FORBIDDEN = {(old, new) for old in STATES for new in STATES} - EDGES
 AN_HOUR = timedelta(hours=1)
 COLUMNS = (Study.status, Study.attempts, Study.queued_at, Study.started_at, Study.finished_at,
-           Study.error_code, Study.error_message)
+           Study.heartbeat_at, Study.error_code, Study.error_message)
 
 
 @pytest.fixture
@@ -41,6 +41,7 @@ def new_study(status: StudyStatus) -> str:
     study = Study(
         status=status.value, queued_at=then,
         started_at=None if status is Q else then,
+        heartbeat_at=None if status is Q else then,
         finished_at=then if status in jobs.FINISHED else None,
         attempts=0 if status is Q else 1,
         error_code="old_error" if status is F else None,
@@ -66,6 +67,7 @@ def assert_entered(before: dict[str, Any], after: dict[str, Any], target: StudyS
         assert after["queued_at"] > fresh
     if target is R:
         assert after["started_at"] > fresh and after["attempts"] > before["attempts"]
+        assert after["heartbeat_at"] > fresh  # a new claim starts its lease
     if target in jobs.FINISHED:
         assert after["finished_at"] > fresh
     if target is S:
@@ -112,8 +114,6 @@ MOVES: dict[str, dict[StudyStatus, list[tuple[StudyStatus, StudyStatus]]]] = {
 
 def expected_return(name: str, start: StudyStatus) -> Any:
     moved = start in MOVES[name]
-    if name == "touch_queued":
-        return None
     if name == "claim":
         return "claim" if moved else None
     if name == "claim past max_attempts":

@@ -1,0 +1,110 @@
+"""The worker's heartbeats and the sweeper's use of them, on a real database with the tiny model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+
+from tests.conftest import png_bytes
+from tests.worker.test_pipeline import prediction_count, upload
+from webapp import jobs
+from webapp.extensions import db
+from webapp.jobs import StudyStatus
+from webapp.models import Image, Prediction, Study, as_utc, utcnow
+from worker import pipeline
+from worker.leases import Leases
+
+
+def silence(study_id: str, seconds: float) -> None:
+    """Make the study's last heartbeat `seconds` old, as if its worker had died then."""
+    db.session.execute(update(Study).where(Study.id == study_id)
+                       .values(heartbeat_at=utcnow() - timedelta(seconds=seconds)))
+    db.session.commit()
+
+
+def test_the_heartbeat_thread_renews_held_claims_until_released(app, client):
+    study_id = upload(client, ("a.png", png_bytes()))
+    app.config["HEARTBEAT_S"] = 0.2
+    leases = Leases()
+    with app.app_context():
+        token = jobs.claim(db.session, study_id, max_attempts=3)
+        silence(study_id, 60)
+        with leases.hold(token):
+            assert leases.held() == [token]
+            deadline = time.monotonic() + 10
+            while as_utc(db.session.get(Study, study_id, populate_existing=True).heartbeat_at) \
+                    < utcnow() - timedelta(seconds=5):
+                db.session.commit()
+                assert time.monotonic() < deadline, "no heartbeat within 10 s"
+                time.sleep(0.05)
+        assert leases.held() == []
+        silence(study_id, 60)
+        time.sleep(0.6)  # released: nothing renews it any more
+        stale = jobs.stale_studies(db.session, 600, lease_s=30)
+        assert [c.study_id for c in stale] == [study_id]
+
+
+def test_a_lost_lease_is_logged_and_not_renewed(app, client, caplog):
+    study_id = upload(client, ("a.png", png_bytes()))
+    leases = Leases()
+    with app.app_context():
+        token = jobs.claim(db.session, study_id, max_attempts=3)
+        with leases.hold(token):
+            assert leases.beat() == {study_id}
+            jobs.claim(db.session, study_id, max_attempts=3)  # another worker took over
+            with caplog.at_level(logging.WARNING, logger="worker.leases"):
+                assert leases.beat() == set()
+    assert f"event=lease_lost study={study_id} token=1" in caplog.text
+
+
+def test_sweeper_requeues_a_silent_running_study_and_spares_a_beating_one(app, client):
+    silent = upload(client, ("a.png", png_bytes()))
+    beating = upload(client, ("b.png", png_bytes()))
+    with app.app_context():
+        jobs.claim(db.session, silent, max_attempts=3)
+        jobs.claim(db.session, beating, max_attempts=3)
+        silence(silent, app.config["LEASE_S"] + 1)
+        silence(beating, app.config["LEASE_S"] - 5)
+        sent: list[str] = []
+        assert pipeline.requeue_stale(send=sent.append) == 1
+        assert sent == [silent]
+        assert db.session.get(Study, silent).status == StudyStatus.QUEUED
+        assert db.session.get(Study, beating).status == StudyStatus.RUNNING
+
+
+def test_sweeper_sends_nothing_for_a_study_claimed_since_it_looked(app, client, monkeypatch):
+    study_id = upload(client, ("a.png", png_bytes()))
+    with app.app_context():
+        jobs.claim(db.session, study_id, max_attempts=3)
+        silence(study_id, app.config["LEASE_S"] + 1)
+        seen = jobs.stale_studies(db.session, app.config["STALE_AFTER_S"], app.config["LEASE_S"])
+        jobs.claim(db.session, study_id, max_attempts=3)  # a redelivery won the race
+        monkeypatch.setattr(jobs, "stale_studies", lambda *a, **k: seen)
+        sent: list[str] = []
+        assert pipeline.requeue_stale(send=sent.append) == 0
+        assert sent == []
+        assert db.session.get(Study, study_id).status == StudyStatus.RUNNING
+
+
+def test_study_of_a_presumed_dead_worker_is_rerun_once_and_its_late_result_discarded(app, client):
+    study_id = upload(client, ("a.png", png_bytes()), ("b.png", png_bytes()))
+    with app.app_context():
+        presumed_dead = jobs.claim(db.session, study_id, max_attempts=3)
+        silence(study_id, app.config["LEASE_S"] + 1)
+        sent: list[str] = []
+        assert pipeline.requeue_stale(send=sent.append) == 1 and sent == [study_id]
+        assert pipeline.run_study(study_id) == "succeeded"  # the re-sent message
+        # The old worker was only slow: its result arrives now and is discarded.
+        images = db.session.scalars(select(Image).where(Image.study_id == study_id)).all()
+        late = [Prediction(image_id=i.id, probability_covid=0.9, label="covid", threshold=0.5,
+                           model_version="late", model_sha256="0" * 64, model_trained=False,
+                           preprocess_version="1", inference_ms=1.0) for i in images]
+        assert jobs.finish(db.session, presumed_dead, late) is False
+        assert prediction_count(study_id) == 2  # one per image
+        assert db.session.scalar(select(func.count()).select_from(Prediction)
+                                 .where(Prediction.model_version == "late")) == 0
+        study = db.session.get(Study, study_id)
+        assert study.status == StudyStatus.SUCCEEDED and study.attempts == 2
