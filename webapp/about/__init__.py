@@ -1,0 +1,1 @@
+"""About this model: the served model's card, readable from the product."""
