@@ -113,6 +113,16 @@ class PortableConfig(Recipe):
     verbose: int = 2
 
 
+def cli_parser(prog: str, doc: str | None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser for one of the training CLIs, keeping its docstring's layout."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=doc,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     """The recipe's options, for every training CLI."""
     g = parser.add_argument_group("recipe (shared by ml.training.train and ml.training.portable)")

@@ -12,7 +12,6 @@ of ml.training.train leaves them. Research use only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 from ml.artifact import ModelMetadata
 from ml.training import data
 from ml.training.checkpoints import CHECKPOINT_DIR, atomic_json
+from ml.training.config import cli_parser
 from ml.training.pack import split_without
 from ml.training.portable import HISTORY_FILE, RUN_FILE, WEIGHTS_FILE
 
@@ -118,11 +118,7 @@ def package(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    p = argparse.ArgumentParser(
-        prog="python -m ml.training.package",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli_parser("python -m ml.training.package", __doc__)
     p.add_argument("--run", required=True, type=Path, help="an ml.training.portable --out")
     p.add_argument("--manifest", required=True, help="the data set the pack was made from")
     p.add_argument("--split", required=True, help="the split.csv the pack was made from")

@@ -13,7 +13,6 @@ from the artifact's own predictions exactly as ml.training.train does. Research 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from keras import ops  # noqa: E402
 
 from ml.model import architecture, build_classifier  # noqa: E402
 from ml.preprocess import IMAGENET_BGR_MEAN, to_caffe  # noqa: E402
-from ml.training.config import PortableConfig, add_recipe_arguments  # noqa: E402
+from ml.training.config import PortableConfig, add_recipe_arguments, cli_parser  # noqa: E402
 from ml.training.data import (  # noqa: E402
     GAMMA,
     NOISE,
@@ -383,11 +382,7 @@ def score_heldout(
 
 def parse_args(argv: list[str] | None = None) -> PortableConfig:
     """The typed configuration the command line asks for (see --help)."""
-    p = argparse.ArgumentParser(
-        prog="python -m ml.training.portable",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli_parser("python -m ml.training.portable", __doc__)
     p.add_argument("--pack", required=True, help="made by python -m ml.training.pack")
     p.add_argument("--out", required=True, help="run directory: weights, run.json, history.json")
     add_recipe_arguments(p)

