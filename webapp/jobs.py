@@ -219,20 +219,27 @@ def attempts_so_far(session: Session, study_id: str) -> int:
     return int(value or 0)
 
 
-def heartbeat(session: Session, tokens: Iterable[Claim]) -> set[str]:
-    """Renew heartbeat_at of the RUNNING studies these claims still hold; returns their ids. Commits.
+def heartbeat(session: Session, tokens: Iterable[Claim], waiting: Iterable[str] = ()) -> set[str]:
+    """Renew heartbeat_at of the RUNNING studies these claims still hold, and of the QUEUED
+    studies in `waiting` (delivered to this worker, not claimed yet); returns the ids renewed. Commits.
 
-    Not a move (the status stays RUNNING): a stale token renews nothing, so a
-    worker the sweeper took for lost cannot keep alive a study another worker
-    has claimed since.
+    Not a move (the status stays): a stale token renews nothing, so a worker
+    the sweeper took for lost cannot keep alive a study another worker has
+    claimed since.
     """
-    tokens = list(tokens)
-    if not tokens:
+    tokens, waiting = list(tokens), sorted(set(waiting))
+    held = []
+    if tokens:
+        held.append(and_(Study.status == StudyStatus.RUNNING.value,
+                         or_(*(and_(Study.id == t.study_id, Study.attempts == t.token)
+                               for t in tokens))))
+    if waiting:
+        held.append(and_(Study.status == StudyStatus.QUEUED.value, Study.id.in_(waiting)))
+    if not held:
         return set()
     renewed = session.execute(
         update(Study)
-        .where(Study.status == StudyStatus.RUNNING.value,
-               or_(*(and_(Study.id == t.study_id, Study.attempts == t.token) for t in tokens)))
+        .where(or_(*held))
         .values(heartbeat_at=utcnow())
         .returning(Study.id)
         .execution_options(synchronize_session=False)
@@ -245,9 +252,11 @@ def stale_studies(session: Session, older_than_s: float, lease_s: float | None =
                   limit: int = 500) -> list[Claim]:
     """Pending studies to re-enqueue, each with its attempt count to guard the requeue; reads only.
 
-    QUEUED: waiting longer than `older_than_s` (its message was lost). RUNNING:
-    no heartbeat for `lease_s` (its worker died), or running longer than
-    `older_than_s` whatever the heartbeat says.
+    RUNNING: no heartbeat for `lease_s` (its worker died). QUEUED: delivered
+    to a worker (a heartbeat since it was queued) that stopped beating for
+    `lease_s` before claiming it (it died waiting to run it alone). Either,
+    whatever the heartbeat says: pending longer than `older_than_s` (a lost
+    message, or a worker stuck).
     """
     now = utcnow()
     deadline = now - timedelta(seconds=older_than_s)
@@ -266,8 +275,9 @@ def stale_studies(session: Session, older_than_s: float, lease_s: float | None =
             alive = as_utc(heartbeat_at) or started
             lost = started is None or started < deadline or alive < lease_deadline
         else:
-            queued = as_utc(queued_at)
-            lost = queued is None or queued < deadline
+            queued, beat = as_utc(queued_at), as_utc(heartbeat_at)
+            in_hand = queued is not None and beat is not None and beat >= queued
+            lost = queued is None or queued < deadline or (in_hand and beat < lease_deadline)
         if lost:
             stale.append(Claim(study_id, attempts))
     return stale

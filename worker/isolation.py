@@ -23,6 +23,13 @@ class Isolation:
         self._exclusive = False
         self._waiting_exclusive = 0
 
+    def would_wait(self, exclusive: bool) -> bool:
+        """Whether hold(exclusive) would block right now (a hint: it may change at once)."""
+        with self._cond:
+            if exclusive:
+                return self._exclusive or bool(self._shared)
+            return self._exclusive or bool(self._waiting_exclusive)
+
     @contextmanager
     def hold(self, exclusive: bool) -> Iterator[None]:
         """Hold the process shared (ordinary study) or exclusively (suspect)."""

@@ -56,7 +56,10 @@ def run_study(study_id: str) -> str:
     # A study claimed before may have killed its last worker: run it alone.
     suspect = jobs.attempts_so_far(db.session, study_id) > 0
     db.session.remove()
-    with _isolation.hold(exclusive=suspect):
+    # Until it is claimed, a study waiting its turn beats as delivered, so a death
+    # of this process while it waits is noticed like the death of a running study.
+    with _leases.waiting(study_id, mark_now=_isolation.would_wait(suspect)), \
+            _isolation.hold(exclusive=suspect):
         return _run(study_id, current_app.config)
 
 

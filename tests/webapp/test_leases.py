@@ -131,3 +131,31 @@ def test_a_requeue_guarded_by_the_sweeps_token_spares_a_fresh_claim(app):
         assert jobs.requeue(db.session, study_id, token=seen) is False
         assert jobs.touch_queued(db.session, study_id) is False
         assert jobs.finish(db.session, fresh, []) is True
+
+
+def test_heartbeat_of_delivered_studies_renews_queued_ones_only(app):
+    with app.app_context():
+        waiting, running = new_study(), new_study()
+        jobs.claim(db.session, running, max_attempts=3)
+        age(running, heartbeat_at=20)
+        before = heartbeat_at(running)
+        assert jobs.heartbeat(db.session, [], [waiting, running]) == {waiting}
+        assert heartbeat_at(running) == before  # a claim beats by its token, never by its id
+        assert heartbeat_at(waiting) > utcnow() - timedelta(seconds=5)
+
+
+def test_stale_studies_queued_in_a_workers_hand_by_heartbeat(app):
+    with app.app_context():
+        held_alive, held_dead, requeued = new_study(), new_study(), new_study()
+        for study_id in (held_alive, held_dead):
+            age(study_id, queued_at=LEASE_S * 3)
+            jobs.heartbeat(db.session, [], [study_id])  # delivered, waiting to run alone
+        age(held_dead, heartbeat_at=LEASE_S + 1)
+        # Requeued after its worker died: the old heartbeat predates the new queued_at.
+        token = jobs.claim(db.session, requeued, max_attempts=3)
+        age(requeued, heartbeat_at=LEASE_S + 1)
+        assert jobs.requeue(db.session, requeued, token=token)
+        assert stale_ids() == [held_dead]
+        # Re-sent: its deadline restarts and the worker that held it counts no more.
+        assert jobs.touch_queued(db.session, held_dead)
+        assert stale_ids() == []

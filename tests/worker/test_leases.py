@@ -108,3 +108,32 @@ def test_study_of_a_presumed_dead_worker_is_rerun_once_and_its_late_result_disca
                                  .where(Prediction.model_version == "late")) == 0
         study = db.session.get(Study, study_id)
         assert study.status == StudyStatus.SUCCEEDED and study.attempts == 2
+
+
+def test_a_study_waiting_its_turn_beats_from_delivery_until_claimed(app, client):
+    study_id = upload(client, ("a.png", png_bytes()))
+    leases = Leases()
+    with app.app_context():
+        assert db.session.get(Study, study_id).heartbeat_at is None
+        with leases.waiting(study_id, mark_now=True):
+            db.session.commit()
+            assert as_utc(db.session.get(Study, study_id, populate_existing=True).heartbeat_at) \
+                > utcnow() - timedelta(seconds=5)
+            assert leases.beat() == {study_id}
+            token = jobs.claim(db.session, study_id, max_attempts=3)
+            with leases.hold(token):
+                assert leases.beat() == {study_id}  # by its token now
+            silence(study_id, 60)
+            assert leases.beat() == set()  # nothing left in hand
+        db.session.remove()
+
+
+def test_isolation_says_when_a_study_would_wait():
+    from worker.isolation import Isolation
+
+    isolation = Isolation()
+    assert not isolation.would_wait(True) and not isolation.would_wait(False)
+    with isolation.hold(exclusive=False):
+        assert isolation.would_wait(True) and not isolation.would_wait(False)
+    with isolation.hold(exclusive=True):
+        assert isolation.would_wait(True) and isolation.would_wait(False)
