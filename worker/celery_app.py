@@ -17,6 +17,7 @@ app = flask_app.extensions["celery"]
 # Loading TensorFlow and the model in a fresh child takes seconds; let it.
 app.conf.worker_proc_alive_timeout = 120
 
+import worker.pacs_tasks  # noqa: E402,F401  (results back to the PACS)
 import worker.tasks  # noqa: E402,F401  (register the tasks on this app)
 
 log = logging.getLogger(__name__)

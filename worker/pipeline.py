@@ -18,6 +18,7 @@ from ml.imaging import ImageError, Limits, decode_image
 from webapp import jobs
 from webapp.extensions import db
 from webapp.models import Image, Prediction
+from webapp.pacs.sends import after_study
 from worker.isolation import Isolation
 from worker.leases import Leases
 from worker.model_cache import get_batcher
@@ -60,7 +61,10 @@ def run_study(study_id: str) -> str:
     # of this process while it waits is noticed like the death of a running study.
     with _leases.waiting(study_id, mark_now=_isolation.would_wait(suspect)), \
             _isolation.hold(exclusive=suspect):
-        return _run(study_id, current_app.config)
+        outcome = _run(study_id, current_app.config)
+    if outcome in ("succeeded", "failed"):
+        after_study(study_id)  # the results (or nothing) back to the PACS, for studies from it
+    return outcome
 
 
 def _run(study_id: str, config: Any) -> str:

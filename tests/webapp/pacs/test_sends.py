@@ -1,0 +1,220 @@
+"""pacs_sends: queued once per finished study, retried with backoff, identifiers deleted once delivered."""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+from sqlalchemy import select, update
+
+from tests.webapp.rows import add_study
+from webapp.extensions import db
+from webapp.models import Prediction, utcnow
+from webapp.pacs import sends, transport
+from webapp.pacs.models import DicomOrigin, PacsSend
+from webapp.pacs.sends import SendStatus
+
+DESTINATION = {"kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 1,
+               "label": "dicom://PACS@127.0.0.1:1"}
+KEPT = {"study": {"00100020": {"vr": "LO", "Value": ["MRN-0042"]},
+                  "0020000D": {"vr": "UI", "Value": ["1.2.3.4"]}},
+        "images": [{"sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.1", "sop_instance_uid": "1.2.3.4.5",
+                    "series_instance_uid": "1.2.3.4.6"}]}
+
+
+@pytest.fixture
+def hints(monkeypatch) -> list:
+    """Send hints that would go to the broker."""
+    sent: list = []
+    monkeypatch.setattr(sends, "enqueue_send", lambda send_id, countdown=None: sent.append(send_id))
+    return sent
+
+
+class FakePacs(list):
+    """What the PACS received through transport.send; set .fail to make every send fail."""
+
+    fail = False
+
+    def send(self, datasets, destination, **_):
+        if self.fail:
+            raise transport.SendError("unreachable", "no association")
+        self.append([ds.SOPClassUID for ds in datasets])
+        return len(datasets)
+
+
+@pytest.fixture
+def delivered(monkeypatch) -> FakePacs:
+    """transport.send replaced by a fake PACS."""
+    pacs = FakePacs()
+    monkeypatch.setattr(transport, "send", pacs.send)
+    return pacs
+
+
+def _from_pacs(app, status: str = "succeeded", abstained: bool = False) -> str:
+    with app.app_context():
+        study_id = add_study(None, status=status)
+        db.session.add(DicomOrigin(study_id=study_id, via="dimse", calling_ae="PACS",
+                                   identifiers=KEPT))
+        if abstained:
+            db.session.execute(update(Prediction).values(abstain_reason="not_frontal",
+                                                         label="indeterminate"))
+        db.session.commit()
+        db.session.remove()
+    return study_id
+
+
+def _row(app, study_id: str) -> tuple[PacsSend | None, DicomOrigin]:
+    with app.app_context():
+        send = db.session.scalar(select(PacsSend).where(PacsSend.study_id == study_id))
+        origin = db.session.get(DicomOrigin, study_id)
+        db.session.expunge_all()
+        db.session.remove()
+    return send, origin
+
+
+def test_nothing_is_sent_without_a_destination_and_the_identifiers_go(app, hints):
+    study_id = _from_pacs(app)
+    with app.app_context():
+        assert sends.study_finished(study_id) is None
+    send, origin = _row(app, study_id)
+    assert send is None and origin.identifiers is None and origin.identifiers_deleted_at is not None
+
+
+def test_a_failed_study_sends_nothing_and_forgets_the_identifiers(app, hints):
+    app.config["PACS_DESTINATION"] = DESTINATION
+    study_id = _from_pacs(app, status="failed")
+    with app.app_context():
+        assert sends.study_finished(study_id) is None
+    send, origin = _row(app, study_id)
+    assert send is None and origin.identifiers is None and hints == []
+
+
+def test_uploads_from_the_browser_are_not_sent(app, hints):
+    app.config["PACS_DESTINATION"] = DESTINATION
+    with app.app_context():
+        study_id = add_study(None)
+        assert sends.study_finished(study_id) is None
+    assert hints == []
+
+
+def test_a_study_is_queued_once_sent_and_its_identifiers_deleted(app, hints, delivered):
+    app.config["PACS_DESTINATION"] = DESTINATION
+    study_id = _from_pacs(app)
+    with app.app_context():
+        send_id = sends.study_finished(study_id)
+        assert sends.study_finished(study_id) == send_id  # finishing twice queues nothing new
+        assert sends.run_send(send_id).status == "sent"
+        assert sends.run_send(send_id).status == "skipped"  # a duplicate message does nothing
+    assert hints == [send_id, send_id]
+    send, origin = _row(app, study_id)
+    assert (send.status, send.attempts, send.objects, send.last_error) == ("sent", 1, 2, None)
+    assert send.destination == DESTINATION["label"] and send.sent_at is not None
+    assert origin.identifiers is None
+    assert delivered == [["1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"]]
+
+
+def test_an_abstained_image_sends_the_report_only(app, hints, delivered):
+    app.config["PACS_DESTINATION"] = DESTINATION
+    study_id = _from_pacs(app, abstained=True)
+    with app.app_context():
+        assert sends.run_send(sends.study_finished(study_id)).status == "sent"
+    assert delivered == [["1.2.840.10008.5.1.4.1.1.88.33"]]
+
+
+def test_failures_back_off_then_give_up_and_an_admin_can_retry(app, hints, delivered):
+    app.config.update(PACS_DESTINATION=DESTINATION, PACS_SEND_MAX_ATTEMPTS=3,
+                      PACS_RETRY_BASE_S=10, PACS_RETRY_MAX_S=15)
+    delivered.fail = True
+    study_id = _from_pacs(app)
+    with app.app_context():
+        send_id = sends.study_finished(study_id)
+        outcome = sends.run_send(send_id)
+        assert (outcome.status, outcome.retry_in) == ("retry", 10)
+        assert sends.run_send(send_id).status == "skipped"  # not due yet
+        waits = []
+        for _ in range(2):
+            send = db.session.get(PacsSend, send_id)
+            waits.append(round((send.next_attempt_at.replace(tzinfo=None)
+                                - send.last_attempt_at.replace(tzinfo=None)).total_seconds()))
+            db.session.execute(update(PacsSend).values(next_attempt_at=utcnow()))
+            db.session.commit()
+            db.session.remove()
+            last = sends.run_send(send_id)
+        assert waits == [10, 15] and last.status == "failed"
+    send, origin = _row(app, study_id)
+    assert (send.status, send.attempts) == ("failed", 3)
+    assert send.last_error == "unreachable: no association"
+    assert origin.identifiers is not None  # kept for the retry
+    delivered.fail = False
+    with app.app_context():
+        assert sends.retry(db.session, send_id)
+        assert sends.run_send(send_id).status == "sent"
+    send, origin = _row(app, study_id)
+    assert (send.status, send.attempts) == ("sent", 1) and origin.identifiers is None
+
+
+def test_the_sweeper_resends_due_and_lost_sends_and_queues_forgotten_studies(app, hints):
+    app.config.update(PACS_DESTINATION=DESTINATION, STALE_AFTER_S=60)
+    lost, forgotten = _from_pacs(app), _from_pacs(app)
+    with app.app_context():
+        lost_id = sends.study_finished(lost)
+        db.session.execute(update(PacsSend).values(
+            status=SendStatus.SENDING, attempts=1, last_attempt_at=utcnow() - timedelta(minutes=5)))
+        db.session.commit()
+        swept: list = []
+        assert sends.sweep(send=swept.append) == 2
+        assert swept == [lost_id]
+        assert db.session.get(PacsSend, lost_id).status == SendStatus.PENDING
+        forgotten_id = db.session.scalar(select(PacsSend.id).where(PacsSend.study_id == forgotten))
+        assert forgotten_id is not None and hints == [lost_id, forgotten_id]
+        counts = sends.status_counts(db.session)
+        assert counts == {"pending": 2, "sending": 0, "sent": 0, "failed": 0}
+
+
+def _scp(statuses: list[int]) -> tuple[object, int, list]:
+    received: list = []
+
+    def on_store(event):
+        received.append(event.dataset.SOPClassUID)
+        return statuses.pop(0) if statuses else 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.require_called_aet = True
+    for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        ae.add_supported_context(sop_class)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return server, port, received
+
+
+def _objects() -> list[Dataset]:
+    from tests.webapp.pacs.test_reports import results
+    from webapp.pacs import reports
+
+    return reports.build_all(results())
+
+
+def test_c_store_delivers_and_reports_refusals_and_unreachable_peers():
+    server, port, received = _scp([0x0000, 0xA700])
+    destination = {**DESTINATION, "port": port, "label": f"dicom://PACS@127.0.0.1:{port}"}
+    try:
+        with pytest.raises(transport.SendError) as refused:
+            transport.send(_objects(), destination, calling_ae="COVIDCXR", timeout=5)
+        assert refused.value.code == "store_refused" and "0xA700" in refused.value.message
+        assert transport.send(_objects(), destination, calling_ae="COVIDCXR", timeout=5) == 2
+        assert received == [ComprehensiveSRStorage, SecondaryCaptureImageStorage] * 2
+        with pytest.raises(transport.SendError) as rejected:
+            transport.send(_objects(), {**destination, "ae_title": "OTHER"}, calling_ae="X", timeout=5)
+        assert rejected.value.code == "association_rejected"
+    finally:
+        server.shutdown()
+    with pytest.raises(transport.SendError) as down:
+        transport.send(_objects(), destination, calling_ae="COVIDCXR", timeout=2)
+    assert down.value.code == "unreachable"
