@@ -53,8 +53,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from webapp.media.routes import bp as media_bp
     from webapp.metrics import bp as metrics_bp
     from webapp.pacs import models as pacs_models  # noqa: F401  (the PACS round trip's tables)
+    from webapp.pacs.stow import bp as dicomweb_bp
     for blueprint in (
-        auth_bp, clinician_bp, api_bp, media_bp, health_bp, admin_bp, metrics_bp, about_bp
+        auth_bp, clinician_bp, api_bp, media_bp, health_bp, admin_bp, metrics_bp, about_bp,
+        dicomweb_bp,
     ):
         app.register_blueprint(blueprint)
     register_error_handlers(app)

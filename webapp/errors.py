@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
-JSON_PREFIXES = ("/api/", "/healthz", "/readyz", "/metrics")
+JSON_PREFIXES = ("/api/", "/dicomweb/", "/healthz", "/readyz", "/metrics")
 CODES = {
     400: "bad_request",
     401: "unauthorized",

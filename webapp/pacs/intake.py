@@ -34,6 +34,26 @@ from webapp.uploads import (
     store_study,
 )
 
+# Storage Service failure statuses (PS3.4 B.2.3): Cxxx "cannot understand" for input the
+# upload would refuse too, one value per upload error code; A7xx "out of resources" when
+# the service, not the object, is at fault (the sender may try again).
+STATUS_BY_CODE: dict[str, int] = {
+    "unsupported_format": 0xC001,
+    "empty_file": 0xC001,
+    "corrupt_image": 0xC002,
+    "multi_frame": 0xC003,
+    "dicom_no_pixel_data": 0xC004,
+    "dicom_unsupported": 0xC005,
+    "too_large_bytes": 0xC006,
+    "too_many_pixels": 0xC006,
+    "bad_dimensions": 0xC007,
+    "deidentification_failed": 0xC008,
+    "missing_uid": 0xC009,
+    "too_many_files": 0xA701,
+}
+INPUT_ERROR = 0xC000
+OUT_OF_RESOURCES = 0xA700
+
 
 @dataclass
 class PendingStudy:

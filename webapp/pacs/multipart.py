@@ -41,14 +41,12 @@ def decode_related(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
         raise MultipartError("the body must be multipart/related with a boundary")
     delimiter = b"--" + boundary.encode("latin-1")
     sections = body.split(b"\r\n" + delimiter)
-    first = sections[0]
-    if not first.startswith(delimiter):
-        # A preamble before the first delimiter: drop it.
-        at = first.find(delimiter)
-        if at < 0:
-            raise MultipartError("the body holds no part")
-        first = first[at:]
-    sections[0] = first[len(delimiter):]
+    if sections[0].startswith(delimiter):
+        sections[0] = sections[0][len(delimiter):]
+    else:
+        sections = sections[1:]  # a preamble before the first delimiter
+    if not sections:
+        raise MultipartError("the body holds no part")
     parts: list[tuple[str, bytes]] = []
     for section in sections:
         if section.startswith(b"--"):
