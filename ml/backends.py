@@ -1,12 +1,14 @@
 """Inference backends behind Predictor: Keras/TensorFlow (GPU, or CPU fallback) and ONNX Runtime (CPU).
 
-Both return, for a preprocessed batch, the COVID-19 probability and, on
-request, the class-activation map of the last convolutional block. For this
+Both return, for a preprocessed batch, the COVID-19 probability, the pooled
+backbone features (the classifier head's input, which the input gate in
+ml/gate.py scores) and, on request, the class-activation map of the last
+convolutional block. For this
 architecture (global average pooling -> dropout -> one dense unit) Grad-CAM's
 channel weights are the dense kernel divided by h*w, so after per-image
 normalisation Grad-CAM and CAM are the same map: both backends compute it in
 the forward pass, with no backward pass (tests/ml/test_backends.py checks it
-against ml.explain.grad_cam).
+against ml.experiments.gradcam.grad_cam).
 """
 
 from __future__ import annotations
@@ -26,12 +28,26 @@ ONNX_FILE = "model.onnx"
 ONNX_INFO_FILE = "model.onnx.json"
 BACKENDS = ("keras", "onnx")
 _POLICY_LOCK = threading.Lock()  # Keras' dtype policy is global while a model is built
+FEATURES_LAYER = "head_dropout"  # its input is the global-average-pooled backbone output
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One forward pass: probabilities (N,), pooled features (N, d), raw CAMs (N, h, w) or None."""
+
+    probability: np.ndarray
+    features: np.ndarray
+    cam: np.ndarray | None
 
 
 class Backend(Protocol):
     """What Predictor needs from an inference engine."""
 
     name: str
+
+    def forward(self, batch: np.ndarray, explain: bool) -> Outputs:
+        """Probabilities, pooled features and, if explain, raw CAMs."""
+        ...
 
     def run(self, batch: np.ndarray, explain: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities (N,) and, if explain, raw CAMs (N, h, w)."""
@@ -59,7 +75,7 @@ class KerasBackend:
         import keras
         import tensorflow as tf
 
-        from ml.model import LAST_CONV_LAYER, build_resnet50
+        from ml.model import build_classifier, last_conv_layer
 
         # Take GPU memory as needed rather than all of it at start, so the CUDA
         # context and the batches share the card with whatever else runs there.
@@ -73,12 +89,7 @@ class KerasBackend:
             previous = keras.mixed_precision.global_policy()
             keras.mixed_precision.set_global_policy(policy)
             try:
-                model = build_resnet50(
-                    input_size=meta.input_size,
-                    weights=None,
-                    dropout=float(meta.architecture.get("dropout", 0.3)),
-                    output_dtype="float32",
-                )
+                model = build_classifier(meta.architecture, output_dtype="float32")
             finally:
                 keras.mixed_precision.set_global_policy(previous)
         try:
@@ -87,30 +98,43 @@ class KerasBackend:
             raise ArtifactError("invalid_model", f"weights do not fit the architecture: {exc}") from exc
 
         head = model.layers[-1]
-        both = keras.Model(model.inputs, [model.get_layer(LAST_CONV_LAYER).output, model.output])
+        pooled = model.get_layer(FEATURES_LAYER).input
+        outputs = [model.get_layer(last_conv_layer(meta.architecture)).output, pooled, model.output]
+        every = keras.Model(model.inputs, outputs)
         spec = [tf.TensorSpec([None, meta.input_size, meta.input_size, 3], tf.float32)]
 
         @tf.function(input_signature=spec)
-        def forward(batch: tf.Tensor) -> tf.Tensor:
-            return model(batch, training=False)
+        def forward(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            _, features, probability = every(batch, training=False)
+            return probability, tf.cast(features, tf.float32)
 
         @tf.function(input_signature=spec)
-        def forward_cam(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            activations, probability = both(batch, training=False)
+        def forward_cam(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            activations, features, probability = every(batch, training=False)
             kernel = tf.cast(head.kernel[:, 0], tf.float32)
-            return probability, tf.tensordot(tf.cast(activations, tf.float32), kernel, axes=1)
+            cam = tf.tensordot(tf.cast(activations, tf.float32), kernel, axes=1)
+            return probability, cam, tf.cast(features, tf.float32)
 
         return cls(model, forward, forward_cam)
 
-    def run(self, batch: np.ndarray, explain: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """One forward pass."""
+    def forward(self, batch: np.ndarray, explain: bool) -> Outputs:
+        """One forward pass: probability and features, plus the CAM if explain."""
         import tensorflow as tf
 
         x = tf.convert_to_tensor(batch, dtype=tf.float32)
         if not explain:
-            return np.asarray(self._forward(x), dtype=np.float32).reshape(-1), None
-        probability, cam = self._forward_cam(x)
-        return np.asarray(probability, dtype=np.float32).reshape(-1), np.asarray(cam, np.float32)
+            probability, features = self._forward(x)
+            cam = None
+        else:
+            probability, cam, features = self._forward_cam(x)
+            cam = np.asarray(cam, np.float32)
+        return Outputs(np.asarray(probability, np.float32).reshape(-1),
+                       np.asarray(features, np.float32), cam)
+
+    def run(self, batch: np.ndarray, explain: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """One forward pass: probabilities and, if explain, CAMs."""
+        out = self.forward(batch, explain)
+        return out.probability, out.cam
 
 
 @dataclass
@@ -121,6 +145,7 @@ class OnnxBackend:
     input_name: str
     name: str = "onnx"
     model: Any = None
+    has_features: bool = True
 
     @classmethod
     def load(cls, model_dir: Path, meta: ModelMetadata) -> OnnxBackend:
@@ -133,10 +158,22 @@ class OnnxBackend:
         session = ort.InferenceSession(
             str(model_dir / info["file"]), options, providers=["CPUExecutionProvider"]
         )
-        return cls(session, session.get_inputs()[0].name)
+        names = {o.name for o in session.get_outputs()}
+        return cls(session, session.get_inputs()[0].name, has_features="features" in names)
+
+    def forward(self, batch: np.ndarray, explain: bool) -> Outputs:
+        """One session run (ONNX Runtime releases the GIL while it computes)."""
+        if not self.has_features:
+            raise ArtifactError("invalid_model", "the ONNX export predates the features output; "
+                                "re-run python -m ml.export")
+        feeds = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+        wanted = ["covid_probability", "features"] + (["cam"] if explain else [])
+        result = self.session.run(wanted, feeds)
+        cam = result[2].astype(np.float32) if explain else None
+        return Outputs(result[0].reshape(-1).astype(np.float32), result[1].astype(np.float32), cam)
 
     def run(self, batch: np.ndarray, explain: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """One session run (ONNX Runtime releases the GIL while it computes)."""
+        """Probabilities and, if explain, CAMs; works on exports without the features output."""
         feeds = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
         if not explain:
             (probability,) = self.session.run(["covid_probability"], feeds)

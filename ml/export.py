@@ -1,9 +1,10 @@
 """`python -m ml.export MODEL_DIR`: write an ONNX export beside a Keras artifact, checked for parity.
 
-The exported graph has one input (a preprocessed batch) and two outputs:
-`covid_probability` (N, 1) and `cam` (N, h, w), the class-activation map of
+The exported graph has one input (a preprocessed batch) and three outputs:
+`covid_probability` (N, 1), `cam` (N, h, w), the class-activation map of
 the last convolutional block (see ml/backends.py for why that is Grad-CAM
-here). CPU workers serve it with ONNX Runtime, without TensorFlow.
+here), and `features` (N, 2048), the pooled backbone output the input gate
+(ml/gate.py) scores. CPU workers serve it with ONNX Runtime, without TensorFlow.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def export_onnx(model_dir: str | Path, opset: int = 17) -> dict[str, Any]:
 
     @tf.function(input_signature=spec)
     def graph(image: tf.Tensor) -> dict[str, tf.Tensor]:
-        probability, cam = keras_backend._forward_cam(image)
+        probability, cam, features = keras_backend._forward_cam(image)
         return {"covid_probability": tf.identity(probability, name="covid_probability"),
-                "cam": tf.identity(cam, name="cam")}
+                "cam": tf.identity(cam, name="cam"),
+                "features": tf.identity(features, name="features")}
 
     fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".model.", suffix=".onnx")
     os.close(fd)
@@ -67,22 +69,28 @@ def export_onnx(model_dir: str | Path, opset: int = 17) -> dict[str, Any]:
         "model_version": meta.model_version,
         "input_size": size,
         "opset": opset,
-        "outputs": ["covid_probability", "cam"],
+        "outputs": ["covid_probability", "cam", "features"],
         "tf2onnx_version": tf2onnx.__version__,
         "created_at": datetime.now(UTC).isoformat(),
     }
     (model_dir / ONNX_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     onnx_backend = OnnxBackend.load(model_dir, meta)
     batch = _parity_batch(size)
-    p_keras, cam_keras = keras_backend.run(batch, explain=True)
-    p_onnx, cam_onnx = onnx_backend.run(batch, explain=True)
+    keras_out = keras_backend.forward(batch, explain=True)
+    onnx_out = onnx_backend.forward(batch, explain=True)
+    cam_keras, cam_onnx = keras_out.cam, onnx_out.cam
+    assert cam_keras is not None and cam_onnx is not None
     cam_scale = max(float(np.abs(cam_keras).max()), 1e-6)
+    feature_scale = max(float(np.abs(keras_out.features).max()), 1e-6)
     info["parity"] = {
-        "probability_max_abs_diff": float(np.abs(p_keras - p_onnx).max()),
+        "probability_max_abs_diff": float(np.abs(keras_out.probability - onnx_out.probability).max()),
         "cam_max_rel_diff": float(np.abs(cam_keras - cam_onnx).max() / cam_scale),
+        "features_max_rel_diff": float(
+            np.abs(keras_out.features - onnx_out.features).max() / feature_scale),
         "tolerance": PARITY_TOLERANCE,
     }
-    if max(info["parity"]["probability_max_abs_diff"], info["parity"]["cam_max_rel_diff"]) > PARITY_TOLERANCE:
+    checked = ("probability_max_abs_diff", "cam_max_rel_diff", "features_max_rel_diff")
+    if max(info["parity"][k] for k in checked) > PARITY_TOLERANCE:
         (model_dir / ONNX_INFO_FILE).unlink()
         raise RuntimeError(f"ONNX export disagrees with Keras: {info['parity']}")
     (model_dir / ONNX_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")

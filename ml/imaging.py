@@ -203,6 +203,9 @@ def _decode_raster(data: bytes, media_type: str, limits: Limits) -> DecodedImage
         pixels = np.asarray(im).astype(np.float32) / np.float32(65535.0)
         bit_depth = 16
     else:
+        if im.mode not in ("1", "L", "LA", "La", "I", "F"):
+            # Measured before the grey conversion drops it: the input gate uses it.
+            attributes["colourfulness"] = colourfulness(np.asarray(_rgb_thumbnail(im)))
         pixels = np.asarray(_to_gray8(im)).astype(np.float32) / np.float32(255.0)
         bit_depth = 8
     if media_type == PNG and data[12:16] == b"IHDR" and data[25] != 3:
@@ -218,6 +221,25 @@ def _decode_raster(data: bytes, media_type: str, limits: Limits) -> DecodedImage
         bit_depth=int(bit_depth),
         attributes=attributes,
     )
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler and Suesstrunk's colourfulness of an (h, w, 3) RGB array, on a 0-1 scale; 0 for grey."""
+    rgb = np.asarray(rgb, np.float64)
+    if rgb.max(initial=0.0) > 1.0:
+        rgb = rgb / 255.0
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    rg, yb = r - g, 0.5 * (r + g) - b
+    spread = math.hypot(float(rg.std()), float(yb.std()))
+    return round(spread + 0.3 * math.hypot(float(rg.mean()), float(yb.mean())), 4)
+
+
+def _rgb_thumbnail(im: Image.Image, side: int = 256) -> Image.Image:
+    """An RGB copy at most side px, enough for image-wide colour statistics."""
+    rgb = im.convert("RGB")
+    if max(rgb.size) > side:
+        rgb.thumbnail((side, side), Image.Resampling.BOX)
+    return rgb
 
 
 def _to_gray8(im: Image.Image) -> Image.Image:
@@ -274,6 +296,9 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
     if arr.ndim == 3:
         # pydicom has already converted YBR to RGB; the VOI module only applies
         # to monochrome data, so colour images go straight to luma.
+        step = max(1, max(arr.shape[:2]) // 256)
+        sample = arr[::step, ::step].astype(np.float64)
+        attributes["colourfulness"] = colourfulness(sample / max(float(sample.max()), 1.0))
         values = arr.astype(np.float64) @ _LUMA
     else:
         # No float cast before the VOI step: a VOI LUT Sequence indexes by integer value.

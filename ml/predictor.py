@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ml.artifact import ModelMetadata, load_weight_arrays, read_metadata
+from ml.artifact import ArtifactError, ModelMetadata, load_weight_arrays, read_metadata
 from ml.backends import Backend, KerasBackend, OnnxBackend, resolve_backend
+from ml.gate import GATE_FILE, Gate, image_statistics
 from ml.overlay import normalise_maps, overlay_png
 from ml.preprocess import preprocess_batch
 
 # TensorFlow is imported only by the Keras backend, inside load(): importing this module
 # stays cheap, ONNX workers never load TF, and a worker loads it only after it has forked.
 
+log = logging.getLogger(__name__)
+INDETERMINATE = "indeterminate"
+
 
 @dataclass(frozen=True)
 class Prediction:
-    """The model's answer for one image, with what is needed to reproduce it."""
+    """The model's answer for one image, with what is needed to reproduce it.
+
+    When the input gate abstains, label is "indeterminate" and abstain_reason says why; the
+    probability is still computed and kept for audit, but it is not a reading.
+    """
 
     probability_covid: float
     label: str
@@ -33,14 +42,19 @@ class Prediction:
     trained: bool
     heatmap_png: bytes | None = None
     backend: str = "keras"
+    abstain_reason: str | None = None
+    gate_version: str | None = None  # None: the artifact has no input gate
+    gate_frontal_probability: float | None = None
+    gate_distance: float | None = None
 
 
 class Predictor:
     """A loaded model artifact; build it with Predictor.load(model_dir, backend=...)."""
 
-    def __init__(self, metadata: ModelMetadata, backend: Backend) -> None:
+    def __init__(self, metadata: ModelMetadata, backend: Backend, gate: Gate | None = None) -> None:
         self.metadata = metadata
         self.backend = backend
+        self.gate = gate
 
     @property
     def model(self) -> Any:
@@ -48,16 +62,31 @@ class Predictor:
         return getattr(self.backend, "model", None)
 
     @classmethod
-    def load(cls, model_dir: str | Path, backend: str = "keras") -> Predictor:
-        """Read, verify and load the model in model_dir; backend is keras, onnx or auto. Raises ArtifactError."""
+    def load(cls, model_dir: str | Path, backend: str = "keras", require_gate: bool = False) -> Predictor:
+        """Read, verify and load the model in model_dir; backend is keras, onnx or auto.
+
+        require_gate=True refuses an artifact without an input gate (the service does);
+        otherwise such a model answers every image and says so (gate_version None).
+        Raises ArtifactError.
+        """
         model_dir = Path(model_dir)
         meta = read_metadata(model_dir)
+        gate = Gate.load(model_dir, meta)
+        if gate is None:
+            if require_gate:
+                raise ArtifactError(
+                    "no_gate", f"the model in {model_dir} has no input gate ({GATE_FILE}); "
+                    f"fit one with python -m ml.training.gate --model {model_dir}")
+            log.warning("event=model_without_gate dir=%s: every image will be answered", model_dir)
         name = resolve_backend(backend, model_dir, meta)
         if name == "onnx":
             engine: Backend = OnnxBackend.load(model_dir, meta)
+            if gate is not None and not engine.has_features:
+                raise ArtifactError("invalid_model", "the ONNX export has no features output for "
+                                    f"the input gate; re-run python -m ml.export {model_dir}")
         else:
             engine = KerasBackend.load(meta, load_weight_arrays(model_dir, meta))
-        predictor = cls(meta, engine)
+        predictor = cls(meta, engine, gate)
         # Trace/initialise now so the first real request does not pay for it.
         predictor.backend.run(
             preprocess_batch(
@@ -78,20 +107,32 @@ class Predictor:
         meta = self.metadata
         return preprocess_batch(images, size=meta.input_size, version=meta.preprocess_version)
 
-    def predict(self, images: Sequence[np.ndarray], explain: bool = False) -> list[Prediction]:
-        """Classify 2-D [0, 1] images of any size; explain=True adds a Grad-CAM overlay PNG."""
+    def predict(self, images: Sequence[np.ndarray], explain: bool = False,
+                attributes: Sequence[Mapping[str, Any] | None] | None = None) -> list[Prediction]:
+        """Classify 2-D [0, 1] images of any size; explain=True adds a Grad-CAM overlay PNG.
+
+        attributes: per image, DecodedImage.attributes (DICOM tags, colourfulness) for the gate.
+        """
         if len(images) == 0:
             return []
-        return self.predict_batch(self.preprocess(images), images, explain=explain)
+        return self.predict_batch(self.preprocess(images), images, explain=explain,
+                                  attributes=attributes)
 
     def predict_batch(
-        self, batch: np.ndarray, images: Sequence[np.ndarray], explain: bool = False
+        self, batch: np.ndarray, images: Sequence[np.ndarray], explain: bool = False,
+        attributes: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[Prediction]:
-        """Classify an already preprocessed batch; images are the originals (for overlays)."""
+        """Classify an already preprocessed batch; images are the originals (for overlays and the gate)."""
         meta = self.metadata
         start = time.perf_counter()
-        probabilities, cams = self.backend.run(batch, explain=explain)
+        out = self.backend.forward(batch, explain=explain)
+        probabilities, cams = out.probability, out.cam
         per_image_ms = (time.perf_counter() - start) * 1000.0 / len(images)
+        attrs = list(attributes) if attributes is not None else [None] * len(images)
+        verdicts: list[Any] = [None] * len(images)
+        if self.gate is not None:
+            stats = np.stack([image_statistics(i, a) for i, a in zip(images, attrs, strict=True)])
+            verdicts = self.gate.assess(out.features, stats, attrs)
 
         overlays: list[bytes | None] = [None] * len(images)
         if explain and cams is not None:
@@ -104,15 +145,20 @@ class Predictor:
         return [
             Prediction(
                 probability_covid=float(p),
-                label="covid" if float(p) >= meta.threshold else "non-covid",
+                label=INDETERMINATE if v is not None and v.reason
+                else "covid" if float(p) >= meta.threshold else "non-covid",
                 threshold=meta.threshold,
                 model_version=meta.model_version,
                 model_sha256=meta.weights_sha256,
                 preprocess_version=meta.preprocess_version,
                 inference_ms=per_image_ms,
                 trained=meta.trained,
-                heatmap_png=png,
+                heatmap_png=None if v is not None and v.reason else png,
                 backend=self.backend.name,
+                abstain_reason=v.reason if v is not None else None,
+                gate_version=v.gate_version if v is not None else None,
+                gate_frontal_probability=v.frontal_probability if v is not None else None,
+                gate_distance=v.distance if v is not None else None,
             )
-            for p, png in zip(probabilities, overlays, strict=True)
+            for p, png, v in zip(probabilities, overlays, verdicts, strict=True)
         ]

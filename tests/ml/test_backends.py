@@ -41,7 +41,18 @@ def test_export_records_its_provenance_and_parity(exported: Path):
     assert info["weights_sha256"] == meta["weights_sha256"]
     assert info["file"] == ONNX_FILE and (exported / ONNX_FILE).stat().st_size > 1_000_000
     assert info["parity"]["probability_max_abs_diff"] <= 1e-4
-    assert info["outputs"] == ["covid_probability", "cam"]
+    assert info["outputs"] == ["covid_probability", "cam", "features"]
+    assert info["parity"]["features_max_rel_diff"] <= 1e-4
+
+
+def test_both_backends_return_the_pooled_features_for_the_gate(exported: Path):
+    keras_backend = Predictor.load(exported, backend="keras").backend
+    onnx_backend = Predictor.load(exported, backend="onnx").backend
+    batch = Predictor.load(exported, backend="onnx").preprocess([x for x in _images()])
+    k, o = keras_backend.forward(batch, explain=False), onnx_backend.forward(batch, explain=False)
+    assert k.features.shape == o.features.shape == (len(batch), 2048) and k.cam is None
+    np.testing.assert_allclose(k.features, o.features, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(k.probability, o.probability, atol=1e-5)
 
 
 def test_onnx_and_keras_agree_on_real_xrays(exported: Path):

@@ -1,0 +1,197 @@
+"""`python -m ml.training.gate --model DIR`: fit the input gate on the model's features, pick its
+thresholds on validation, measure it on test, and write gate.json + gate.npz into DIR.
+
+The gate (ml/gate.py) has two parts fitted here: a Mahalanobis distance in the
+whitened principal subspace of the training radiographs' pooled features, and a
+multinomial logistic regression over those whitened features and the image
+statistics, which names the kind of non-frontal input. Test images only report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from ml.artifact import read_metadata, sha256_file
+from ml.gate import GATE_ARRAYS_FILE, GATE_FILE, GATE_FORMAT, STAT_NAMES, Gate, image_statistics
+from ml.training.gate_data import KIND_CLASS, Sample, all_samples, split_of
+
+CLASSES = ("frontal", "lateral", "ct", "other", "inverted", "poor")
+CLASS_REASONS = {"lateral": "not_frontal", "ct": "other_modality", "other": "not_chest_xray",
+                 "inverted": "inverted", "poor": "poor_quality"}
+# Sources without patient ids are train-only in the model's split; part of them is kept
+# out of the gate's fit so that every source has held-out frontal images to report.
+TRAIN_ONLY_SOURCES = ("covid-cxnet", "twitter-covid")
+FRONTAL_ABSTAIN_TARGET = 0.005  # per threshold, on validation radiographs
+
+
+def gate_split(sample: Sample) -> str:
+    """The split a sample plays for the gate (the model's split, except train-only sources)."""
+    if sample.kind == "frontal" and sample.source in TRAIN_ONLY_SOURCES:
+        return "test" if split_of(sample.key) == "test" else "train"
+    return sample.split
+
+
+def extract(samples: Sequence[Sample], model_dir: Path, cache: Path, backend: str = "onnx",
+            batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Features, statistics and COVID probability per sample, cached by key in an npz."""
+    from ml.predictor import Predictor
+
+    done: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    if cache.is_file():
+        with np.load(cache) as npz:  # each npz[name] reads the whole array again: read once
+            keys, features, stats, probability = (npz[k] for k in ("keys", "features", "stats",
+                                                                   "probability"))
+        for i, key in enumerate(keys):
+            done[str(key)] = (features[i], stats[i], float(probability[i]))
+    todo = [s for s in samples if s.key not in done]
+    if todo:
+        predictor = Predictor.load(model_dir, backend=backend)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            loaded = [s.load() for s in chunk]
+            out = predictor.backend.forward(predictor.preprocess([p for p, _ in loaded]), False)
+            for s, (pixels, attrs), f, p in zip(chunk, loaded, out.features, out.probability,
+                                                strict=True):
+                done[s.key] = (f, image_statistics(pixels, attrs), float(p))
+            if start // batch_size % 10 == 9 or start + batch_size >= len(todo):
+                _save_cache(cache, done)
+                print(f"features: {len(done)} of {len(samples)}", flush=True)
+    keys = [s.key for s in samples]
+    return {"features": np.stack([done[k][0] for k in keys]),
+            "stats": np.stack([done[k][1] for k in keys]),
+            "probability": np.array([done[k][2] for k in keys])}
+
+
+def _save_cache(cache: Path, done: dict) -> None:
+    keys = list(done)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, keys=np.array(keys), features=np.stack([done[k][0] for k in keys]),
+             stats=np.stack([done[k][1] for k in keys]),
+             probability=np.array([done[k][2] for k in keys]))
+
+
+def fit_arrays(features: np.ndarray, stats: np.ndarray, classes: Sequence[str],
+               components: int = 64, c: float = 0.1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Principal axes of the frontal features, statistic scales and the classifier's weights."""
+    from sklearn.linear_model import LogisticRegression
+
+    classes = np.asarray(classes)
+    frontal = features[classes == "frontal"]
+    mean = frontal.mean(axis=0)
+    _, sv, vt = np.linalg.svd(frontal - mean, full_matrices=False)
+    k = min(components, len(frontal) - 1)
+    scale = sv[:k] / np.sqrt(len(frontal) - 1)
+    stat_mean, stat_scale = stats.mean(axis=0), stats.std(axis=0) + 1e-6
+    x = np.concatenate([((features - mean) @ vt[:k].T) / scale, (stats - stat_mean) / stat_scale], 1)
+    # Non-frontal images lie far out on the frontal axes; fitting on unit-variance columns
+    # keeps L-BFGS well conditioned, and the column scale is folded back into the weights.
+    spread = x.std(axis=0) + 1e-6
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
+    model.fit(x / spread, classes)
+    order = [list(model.classes_).index(name) for name in CLASSES]
+    return {"feature_mean": mean, "components": vt[:k], "component_scale": scale,
+            "stat_mean": stat_mean, "stat_scale": stat_scale,
+            "weights": model.coef_[order] / spread, "bias": model.intercept_[order]}
+
+
+def make_gate(arrays: dict[str, np.ndarray], min_frontal: float = 0.5,
+              max_distance: float = np.inf) -> Gate:
+    """A Gate from fitted arrays and thresholds (before it is written)."""
+    a = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+    return Gate("unsaved", CLASSES, dict(CLASS_REASONS), min_frontal, max_distance, a["feature_mean"],
+                a["components"], a["component_scale"], a["stat_mean"], a["stat_scale"],
+                a["weights"], a["bias"], {})
+
+
+def choose_thresholds(gate: Gate, features: np.ndarray, stats: np.ndarray,
+                      target: float = FRONTAL_ABSTAIN_TARGET) -> tuple[float, float]:
+    """On validation radiographs: each threshold abstains on at most `target` of them."""
+    probabilities, distances = gate.scores(features, stats)
+    frontal = probabilities[:, CLASSES.index("frontal")]
+    min_frontal = min(0.5, float(np.quantile(frontal, target)))
+    return min_frontal, float(np.quantile(distances, 1.0 - target))
+
+
+def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple[float, float],
+               summary: dict) -> dict:
+    """gate.npz, then gate.json (which names the npz's sha256 and the weights it belongs to)."""
+    meta = read_metadata(model_dir)
+    path = model_dir / GATE_ARRAYS_FILE
+    np.savez(path, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+    sha = sha256_file(path)
+    info = {
+        "format": GATE_FORMAT,
+        "version": f"gate-1-{sha[:8]}",
+        "model_version": meta.model_version,
+        "weights_sha256": meta.weights_sha256,
+        "arrays_sha256": sha,
+        "feature_source": "pooled backbone output (input of head_dropout), whitened on "
+                          f"{arrays['components'].shape[0]} principal axes of training radiographs",
+        "image_statistics": list(STAT_NAMES),
+        "classes": list(CLASSES),
+        "class_reasons": CLASS_REASONS,
+        "thresholds": {"min_frontal_probability": thresholds[0], "max_distance": thresholds[1],
+                       "chosen_on": "validation split",
+                       "frontal_abstain_target_each": FRONTAL_ABSTAIN_TARGET},
+        "summary": summary,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (model_dir / GATE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def fit_gate(model_dir: Path, samples: Sequence[Sample], data: dict[str, np.ndarray],
+             components: int = 64, c: float = 0.1, distance_margin: float = 1.0) -> tuple[Gate, dict]:
+    """Fit on train, thresholds on val; returns the written gate (loaded back) and its info.
+
+    distance_margin multiplies the distance threshold (1 for served models; more for the
+    tiny test models, whose validation set is a handful of images)."""
+    splits = np.array([gate_split(s) for s in samples])
+    classes = np.array([KIND_CLASS[s.kind] for s in samples])
+    train, val = splits == "train", (splits == "val") & (classes == "frontal")
+    arrays = fit_arrays(data["features"][train], data["stats"][train], classes[train], components, c)
+    min_frontal, max_distance = choose_thresholds(make_gate(arrays), data["features"][val],
+                                                  data["stats"][val])
+    thresholds = (min_frontal, max_distance * distance_margin)
+    summary = {"fit_images_per_class": {k: int(((classes == k) & train).sum()) for k in CLASSES},
+               "val_frontal_images": int(val.sum()), "components": int(arrays["components"].shape[0]),
+               "C": c, "distance_margin": distance_margin}
+    info = write_gate(model_dir, arrays, thresholds, summary)
+    gate = Gate.load(model_dir, read_metadata(model_dir))
+    assert gate is not None
+    return gate, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    from ml.evaluation.gate_report import write_report
+
+    parser = argparse.ArgumentParser(prog="python -m ml.training.gate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="model artifact (gets gate files)")
+    parser.add_argument("--cxr", type=Path, default=Path("../shared/data/cxr"))
+    parser.add_argument("--ood", type=Path, default=Path("../shared/data/ood"))
+    parser.add_argument("--report", type=Path, default=Path("docs/experiments/gate"))
+    parser.add_argument("--cache", type=Path, help="features cache (default: bench/out/gate-<model>.npz)")
+    parser.add_argument("--backend", default="onnx", choices=["onnx", "keras"])
+    parser.add_argument("--components", type=int, default=64)
+    parser.add_argument("--C", type=float, default=0.1, dest="c")
+    args = parser.parse_args(argv)
+    meta = read_metadata(args.model)
+    cache = args.cache or Path("bench/out") / f"gate-{meta.model_version}.npz"
+    samples = all_samples(args.model, args.cxr, args.ood, keep_sources=TRAIN_ONLY_SOURCES)
+    data = extract(samples, args.model, cache, backend=args.backend)
+    gate, info = fit_gate(args.model, samples, data, args.components, args.c)
+    report = write_report(args.report, gate, samples, data, [gate_split(s) for s in samples])
+    print(f"wrote {args.model / GATE_FILE} ({info['version']}) and {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The input gate: DICOM tags, image statistics, loading from the artifact, and the predictor's use of it."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml.artifact import ArtifactError, read_metadata
+from ml.gate import GATE_ARRAYS_FILE, GATE_FILE, STAT_NAMES, Gate, image_statistics, tag_reason
+from ml.imaging import decode_image
+from ml.predictor import INDETERMINATE, Predictor
+from tests.conftest import FIXTURES
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, target)
+    return target
+
+
+def _xrays() -> list:
+    return [decode_image(p.read_bytes()) for p in sorted(FIXTURES.glob("*.png"))]
+
+
+@pytest.mark.parametrize(("attributes", "reason"), [
+    ({"Modality": "CT"}, "other_modality"),
+    ({"Modality": "MR", "ViewPosition": "PA"}, "other_modality"),
+    ({"Modality": "DX", "ViewPosition": "LL"}, "not_frontal"),
+    ({"Modality": "CR", "BodyPartExamined": "KNEE"}, "not_chest_xray"),
+    ({"Modality": "DX", "ViewPosition": "PA", "BodyPartExamined": "CHEST"}, None),
+    ({}, None),
+    (None, None),
+])
+def test_dicom_tags_that_contradict_a_frontal_chest_xray_give_a_reason(attributes, reason):
+    assert tag_reason(attributes) == reason
+
+
+def test_image_statistics_tell_flat_and_noise_from_a_radiograph():
+    xray = _xrays()[0]
+    stats = image_statistics(xray.pixels, xray.attributes)
+    flat = image_statistics(np.full((300, 200), 0.5, np.float32))
+    noise = image_statistics(np.random.default_rng(0).random((400, 400)).astype(np.float32))
+    index = STAT_NAMES.index
+    assert stats.shape == (len(STAT_NAMES),) and np.isfinite(stats).all()
+    assert flat[index("std")] == 0.0 and stats[index("std")] > 0.05
+    assert noise[index("autocorr")] < 0.1 < 0.8 < stats[index("autocorr")]
+
+
+def test_colourfulness_is_measured_before_the_grey_conversion():
+    rng = np.random.default_rng(0)
+    colour = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    grey = np.repeat(colour[..., :1], 3, axis=2)
+    encoded = []
+    for array in (colour, grey):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        encoded.append(decode_image(buf.getvalue()).attributes["colourfulness"])
+    assert encoded[0] > 0.2 and encoded[1] == 0.0
+
+
+def test_an_artifact_without_a_gate_is_refused_when_required_and_flagged_otherwise(model_copy: Path):
+    (model_copy / GATE_FILE).unlink()
+    with pytest.raises(ArtifactError) as err:
+        Predictor.load(model_copy, require_gate=True)
+    assert err.value.code == "no_gate" and "ml.training.gate" in err.value.message
+    predictor = Predictor.load(model_copy)
+    [result] = predictor.predict([np.full((64, 64), 0.5, np.float32)])
+    assert result.gate_version is None and result.abstain_reason is None
+    assert result.label in ("covid", "non-covid")
+
+
+def test_a_gate_fitted_on_other_weights_or_tampered_with_is_unusable(model_copy: Path):
+    meta = read_metadata(model_copy)
+    info = json.loads((model_copy / GATE_FILE).read_text())
+    (model_copy / GATE_FILE).write_text(json.dumps({**info, "weights_sha256": "0" * 64}))
+    with pytest.raises(ArtifactError, match="other weights"):
+        Gate.load(model_copy, meta)
+    (model_copy / GATE_FILE).write_text(json.dumps(info))
+    with open(model_copy / GATE_ARRAYS_FILE, "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(ArtifactError, match="sha256"):
+        Gate.load(model_copy, meta)
+
+
+def test_blank_images_abstain_and_radiographs_get_a_label(tiny_model_dir: Path):
+    predictor = Predictor.load(tiny_model_dir, require_gate=True)
+    xrays = _xrays()
+    images = [x.pixels for x in xrays] + [np.full((128, 128), 0.4, np.float32)]
+    results = predictor.predict(images, explain=True, attributes=[x.attributes for x in xrays] + [{}])
+    for r in results[:-1]:
+        assert r.abstain_reason is None and r.label in ("covid", "non-covid") and r.heatmap_png
+        assert r.gate_version == predictor.gate.version and 0.0 <= r.gate_frontal_probability <= 1.0
+    blank = results[-1]
+    assert blank.label == INDETERMINATE and blank.abstain_reason == "poor_quality"
+    assert blank.heatmap_png is None and 0.0 <= blank.probability_covid <= 1.0  # kept for audit
+
+
+def test_dicom_tags_decide_even_when_the_pixels_look_frontal(tiny_model_dir: Path):
+    predictor = Predictor.load(tiny_model_dir, require_gate=True)
+    xray = _xrays()[0]
+    [r] = predictor.predict([xray.pixels], attributes=[{"Modality": "CT"}])
+    assert (r.label, r.abstain_reason) == (INDETERMINATE, "other_modality")
+
+
+def test_thresholds_come_from_the_artifact(model_copy: Path):
+    info = json.loads((model_copy / GATE_FILE).read_text())
+    info["thresholds"]["min_frontal_probability"] = 1.01  # nothing is frontal enough
+    (model_copy / GATE_FILE).write_text(json.dumps(info))
+    predictor = Predictor.load(model_copy, require_gate=True)
+    assert predictor.gate.min_frontal_probability == 1.01
+    results = predictor.predict([x.pixels for x in _xrays()])
+    assert all(r.label == INDETERMINATE and r.abstain_reason for r in results)
