@@ -31,6 +31,7 @@ ACTIONS: dict[str, str] = {
     "studies_exported": "exported the studies list",
     "outcome_recorded": "recorded or changed the RT-PCR outcome",
     "impression_recorded": "recorded a read-first impression",
+    "pacs_send_retried": "asked for a failed send to the PACS to be tried again",
 }
 # Detail values are short scalars: codes, counts, ids. Longer text is refused.
 MAX_DETAIL_TEXT = 64

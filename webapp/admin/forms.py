@@ -23,3 +23,7 @@ class UserActionForm(FlaskForm):
         choices=[SelectChoice(a) for a in ACTIONS],
         validators=[DataRequired()],
     )
+
+
+class PacsRetryForm(FlaskForm):
+    """Try a failed send to the PACS again (the CSRF token is all it carries)."""
