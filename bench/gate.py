@@ -54,7 +54,7 @@ def main() -> None:
     predictor = Predictor.load(args.model_dir, backend=args.backend, require_gate=True)
     assert predictor.gate is not None
     decoded = [decode_image(p.read_bytes()) for p in real_xray_paths(max(args.batches))]
-    images = [np.asarray(Image.fromarray(d.pixels).resize((args.side, args.side)), np.float32)
+    images = [np.clip(np.asarray(Image.fromarray(d.pixels).resize((args.side, args.side)), np.float32), 0, 1)
               for d in decoded]
     rows = []
     for n in args.batches:

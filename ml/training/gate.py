@@ -90,15 +90,15 @@ def fit_arrays(features: np.ndarray, stats: np.ndarray, classes: Sequence[str],
     scale = sv[:k] / np.sqrt(len(frontal) - 1)
     stat_mean, stat_scale = stats.mean(axis=0), stats.std(axis=0) + 1e-6
     x = np.concatenate([((features - mean) @ vt[:k].T) / scale, (stats - stat_mean) / stat_scale], 1)
-    # Non-frontal images lie far out on the frontal axes; fitting on unit-variance columns
-    # keeps L-BFGS well conditioned, and the column scale is folded back into the weights.
-    spread = x.std(axis=0) + 1e-6
-    model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed)
-    model.fit(x / spread, classes)
+    # Fitted on the whitened axes as they are: rescaling each column to unit variance (non-frontal
+    # images lie far out on them) weakens the penalty there and measured worse on validation
+    # (lateral X-rays 83% -> 33% abstained at the same frontal rate).
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=seed)
+    model.fit(x, classes)
     order = [list(model.classes_).index(name) for name in CLASSES]
     return {"feature_mean": mean, "components": vt[:k], "component_scale": scale,
             "stat_mean": stat_mean, "stat_scale": stat_scale,
-            "weights": model.coef_[order] / spread, "bias": model.intercept_[order]}
+            "weights": model.coef_[order], "bias": model.intercept_[order]}
 
 
 def make_gate(arrays: dict[str, np.ndarray], min_frontal: float = 0.5,
