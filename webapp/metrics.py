@@ -80,6 +80,14 @@ class DatabaseCollector:
             predictions.add_metric([version, label], n)
         yield predictions
 
+        abstained = CounterMetricFamily(
+            "covidcxr_abstentions", "Images the input gate gave no reading for, by model version and reason",
+            labels=["model_version", "reason"],
+        )
+        for row in stats.abstentions():
+            abstained.add_metric([row["model_version"], row["reason"]], row["count"])
+        yield abstained
+
         wait = seconds_between(Study.started_at, Study.queued_at)
         yield _histogram("covidcxr_queue_wait_seconds", "Queue wait of finished studies (started - queued)",
                          wait, [Study.finished_at.is_not(None), Study.started_at.is_not(None)], WAIT_BUCKETS)

@@ -199,6 +199,12 @@ class Prediction(db.Model):
     preprocess_version: Mapped[str] = mapped_column(String(16))
     inference_ms: Mapped[float] = mapped_column(Float)
     backend: Mapped[str] = mapped_column(String(16), server_default="keras")
+    # The input gate (ml/gate.py): a reason means label "indeterminate", no reading given;
+    # the probability is kept for audit only. gate_version None: the model had no gate.
+    abstain_reason: Mapped[str | None] = mapped_column(String(32), index=True)
+    gate_version: Mapped[str | None] = mapped_column(String(64))
+    gate_frontal_probability: Mapped[float | None] = mapped_column(Float)
+    gate_distance: Mapped[float | None] = mapped_column(Float)
     heatmap_png: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

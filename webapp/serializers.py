@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import url_for
 
+from ml.gate import REASONS
 from webapp.jobs import FINISHED, StudyStatus
 from webapp.models import Image, Study, as_utc
 
@@ -17,6 +18,15 @@ def _time(value: Any) -> str | None:
     return value.isoformat() if value else None
 
 
+def abstain_message(reason: str | None) -> str | None:
+    """Why no COVID-19 result is given for an image, in plain words (None when one is)."""
+    if reason is None:
+        return None
+    why = REASONS.get(reason, "the image is not one the model can read")
+    return (f"No COVID-19 result: {why}. The model was trained on frontal chest X-rays of "
+            "adults only; upload a frontal (PA or AP) chest X-ray to get a result.")
+
+
 def image_json(study: Study, image: Image) -> dict[str, Any]:
     """One image, with its result once there is one."""
     urls = {
@@ -26,9 +36,14 @@ def image_json(study: Study, image: Image) -> dict[str, Any]:
     result = None
     if image.prediction is not None:
         p = image.prediction
+        abstained = p.abstain_reason is not None
         result = {
-            "probability_covid": round(p.probability_covid, 6),
+            # An abstention gives no reading: the probability stays in the database for audit.
+            "probability_covid": None if abstained else round(p.probability_covid, 6),
             "label": p.label,
+            "abstain_reason": p.abstain_reason,
+            "abstain_message": abstain_message(p.abstain_reason),
+            "gate_version": p.gate_version,
             "threshold": p.threshold,
             "model_version": p.model_version,
             "model_sha256": p.model_sha256,
@@ -36,7 +51,8 @@ def image_json(study: Study, image: Image) -> dict[str, Any]:
             "preprocess_version": p.preprocess_version,
             "inference_ms": round(p.inference_ms, 2),
             "backend": p.backend,
-            "heatmap_url": url_for("media.heatmap", study_id=study.id, image_id=image.id),
+            "heatmap_url": None if abstained
+            else url_for("media.heatmap", study_id=study.id, image_id=image.id),
         }
     return {
         "id": image.id,

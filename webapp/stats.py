@@ -3,7 +3,8 @@
 Windows are trailing (the last hour, day or week, ending now). Study-level
 predictions, for comparing with a study's RT-PCR outcome: the highest COVID
 probability over the study's images is its score, and the study is flagged when
-any image is labelled covid.
+any image is labelled covid. Images the input gate abstained on (label
+"indeterminate") give no reading: they count as abstentions, never as scores.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ BUCKETS: dict[str, timedelta] = {
     "week": timedelta(hours=6),
 }
 QUANTILES = (50, 95, 99)
+ABSTAINED = "indeterminate"  # the label of an image the input gate gave no reading for
 
 
 def percentiles(values: list[float]) -> dict[str, Any]:
@@ -141,9 +143,22 @@ def model_versions(window: str, now: datetime | None = None) -> list[dict[str, A
     out = []
     for (version, backend), labels in sorted(totals.items()):
         n = sum(labels.values())
+        answered = n - labels[ABSTAINED]
         out.append({"model_version": version, "backend": backend, "predictions": n,
-                    "covid_share": labels["covid"] / n})
+                    "abstained": labels[ABSTAINED],
+                    "covid_share": labels["covid"] / answered if answered else None})
     return out
+
+
+def abstentions(window: str | None = None, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Images the input gate abstained on, by model version and reason (all time if no window)."""
+    query = (select(Prediction.model_version, Prediction.abstain_reason, func.count())
+             .where(Prediction.abstain_reason.is_not(None))
+             .group_by(Prediction.model_version, Prediction.abstain_reason))
+    if window is not None:
+        query = query.where(Prediction.created_at >= (now or utcnow()) - WINDOWS[window])
+    return [{"model_version": version, "reason": reason, "count": n}
+            for version, reason, n in sorted(db.session.execute(query).all())]
 
 
 def drift(window: str, now: datetime | None = None) -> dict[str, Any]:
@@ -152,7 +167,8 @@ def drift(window: str, now: datetime | None = None) -> dict[str, Any]:
     edges = bucket_edges(window, now)
     size = BUCKETS[window]
     rows = db.session.execute(
-        select(Prediction.created_at, Prediction.label).where(Prediction.created_at >= edges[0])
+        select(Prediction.created_at, Prediction.label)
+        .where(Prediction.created_at >= edges[0], Prediction.abstain_reason.is_(None))
     ).all()
     counts, positives = [0] * len(edges), [0] * len(edges)
     for created_at, label in rows:
@@ -242,7 +258,8 @@ def graded_studies() -> list[Graded]:
                Prediction.model_version)
         .join(Image, Image.study_id == Study.id)
         .join(Prediction, Prediction.image_id == Image.id)
-        .where(Study.status == StudyStatus.SUCCEEDED, Study.pcr_result.in_(["positive", "negative"]))
+        .where(Study.status == StudyStatus.SUCCEEDED, Study.pcr_result.in_(["positive", "negative"]),
+               Prediction.abstain_reason.is_(None))
         .order_by(Study.id, Image.position)
     ).all()
     by_study: dict[str, list[Any]] = defaultdict(list)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,7 @@ class _Request:
     batch: np.ndarray
     images: Sequence[np.ndarray]
     explain: bool
+    attributes: Sequence[Mapping[str, Any] | None] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: list[Prediction] | None = None
     error: BaseException | None = None
@@ -41,9 +43,10 @@ class Ticket:
         self._open = True
 
     def submit(self, batch: np.ndarray, images: Sequence[np.ndarray], explain: bool,
-               timeout: float | None = None) -> list[Prediction]:
-        """Queue the preprocessed batch and wait for its predictions."""
-        request = _Request(batch, images, explain)
+               timeout: float | None = None,
+               attributes: Sequence[Mapping[str, Any] | None] | None = None) -> list[Prediction]:
+        """Queue the preprocessed batch and wait for its predictions (attributes: per image, for the gate)."""
+        request = _Request(batch, images, explain, attributes)
         self._batcher._enqueue(request, ticket=self)
         if not request.done.wait(timeout):
             raise TimeoutError("inference did not finish within the time limit")
@@ -121,8 +124,11 @@ class Batcher:
             try:
                 batch = np.concatenate([r.batch for r in requests])
                 images = [image for r in requests for image in r.images]
+                attributes = [a for r in requests
+                              for a in (r.attributes or [None] * len(r.images))]
                 results = self.predictor.predict_batch(batch, images,
-                                                       explain=any(r.explain for r in requests))
+                                                       explain=any(r.explain for r in requests),
+                                                       attributes=attributes)
                 start = 0
                 for r in requests:
                     r.result = results[start:start + len(r.images)]

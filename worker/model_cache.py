@@ -25,10 +25,12 @@ def get_batcher(model_dir: str | Path, backend: str = "auto", max_size: int = 16
     with _lock:
         if _cached and _cached[0] == key:
             return _cached[1]
-        predictor = Predictor.load(model_dir, backend=backend)
+        # The service never serves a model without its input gate (ArtifactError "no_gate").
+        predictor = Predictor.load(model_dir, backend=backend, require_gate=True)
         batcher = Batcher(predictor, max_size=max_size, max_wait_ms=max_wait_ms)
         _cached = (key, batcher)
-        log.info("event=model_loaded version=%s backend=%s dir=%s", predictor.metadata.model_version,
-                 predictor.backend.name, model_dir)
+        gate = predictor.gate.version if predictor.gate else None
+        log.info("event=model_loaded version=%s backend=%s gate=%s dir=%s",
+                 predictor.metadata.model_version, predictor.backend.name, gate, model_dir)
         return batcher
 

@@ -92,15 +92,18 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> str:
         limits = Limits(max_bytes=max(len(i.data) for i in images) + 1,
                         max_pixels=config["MAX_IMAGE_PIXELS"])
         with batcher.announce() as ticket:
-            pixels = []
+            pixels, attributes = [], []
             for item in images:
                 try:
-                    pixels.append(decode_image(item.data, limits).pixels)
+                    decoded = decode_image(item.data, limits)
                 except ImageError as exc:
                     return _fail(token, exc.code, f"{item.filename}: {exc.message}")
+                pixels.append(decoded.pixels)
+                attributes.append(decoded.attributes)  # DICOM tags and colour, for the input gate
             batch = batcher.predictor.preprocess(pixels)  # in this thread: overlaps inference
             results = ticket.submit(batch, pixels, explain=config["GRADCAM"],
-                                    timeout=config["CELERY"]["task_soft_time_limit"])
+                                    timeout=config["CELERY"]["task_soft_time_limit"],
+                                    attributes=attributes)
         rows = [
             Prediction(
                 image_id=item.image_id,
@@ -114,6 +117,10 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> str:
                 inference_ms=r.inference_ms,
                 backend=r.backend,
                 heatmap_png=r.heatmap_png,
+                abstain_reason=r.abstain_reason,
+                gate_version=r.gate_version,
+                gate_frontal_probability=r.gate_frontal_probability,
+                gate_distance=r.gate_distance,
             )
             for item, r in zip(images, results, strict=True)
         ]
@@ -129,7 +136,9 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> str:
         db.session.remove()
         return _fail(token, "internal_error", f"unexpected error while processing ({type(exc).__name__})")
     elapsed_ms = (time.perf_counter() - started) * 1000
-    log.info("event=study_done study=%s images=%d ms=%.0f won=%s", study_id, len(rows), elapsed_ms, won)
+    abstained = sum(r.abstain_reason is not None for r in results)
+    log.info("event=study_done study=%s images=%d abstained=%d ms=%.0f won=%s", study_id, len(rows),
+             abstained, elapsed_ms, won)
     return "succeeded" if won else "stale"
 
 

@@ -25,6 +25,18 @@ def test_readyz_names_what_is_missing(client, app, tmp_path):
     assert checks["model"] == {"ok": False, "message": "no model installed"}
 
 
+def test_readyz_reports_a_model_without_its_input_gate(client, app, tiny_model_dir, tmp_path):
+    import shutil
+
+    assert client.get("/readyz").get_json()["checks"]["model"]["gate_version"].startswith("gate-")
+    ungated = tmp_path / "ungated"
+    shutil.copytree(tiny_model_dir, ungated)
+    (ungated / "gate.json").unlink()
+    app.config["MODEL_DIR"] = str(ungated)
+    checks = client.get("/readyz").get_json()["checks"]
+    assert checks["model"] == {"ok": False, "message": "the model has no input gate (gate.json)"}
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

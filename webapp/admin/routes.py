@@ -32,6 +32,7 @@ def dashboard_data(window: str) -> dict[str, Any]:
         "latency": stats.latency(window, now),
         "failures": stats.failures(window, now),
         "model_versions": stats.model_versions(window, now),
+        "abstentions": stats.abstentions(window, now),
         "drift": stats.drift(window, now),
         "performance": stats.performance(),
         "reader": stats.reader_performance(),

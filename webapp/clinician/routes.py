@@ -77,7 +77,9 @@ def export() -> Response:
     writer.writerow(["study_id", "patient_ref", "accession", "status", "created_at", "finished_at",
                      "images", "max_probability_covid", "flagged_covid", "model_version", "pcr_result"])
     for s in rows:
-        preds = [i.prediction for i in s.images if i.prediction is not None]
+        # Abstained images (input gate) give no reading: their probability is never exported.
+        preds = [i.prediction for i in s.images
+                 if i.prediction is not None and i.prediction.abstain_reason is None]
         writer.writerow([
             s.id, s.patient_ref or "", s.accession or "", s.status,
             as_utc(s.created_at).isoformat(), as_utc(s.finished_at).isoformat() if s.finished_at else "",

@@ -8,6 +8,7 @@ from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
 
 from ml.artifact import ArtifactError, read_metadata
+from ml.gate import Gate
 from webapp.broker import redis_client, workers_online
 from webapp.extensions import db
 
@@ -40,10 +41,14 @@ def _check_broker() -> dict[str, Any]:
 def _check_model() -> dict[str, Any]:
     try:
         meta = read_metadata(current_app.config["MODEL_DIR"])
+        gate = Gate.load(current_app.config["MODEL_DIR"], meta)
+        if gate is None:  # workers refuse such a model: every study would fail no_gate
+            raise ArtifactError("no_gate", "the model has no input gate (gate.json)")
     except ArtifactError as exc:
         message = "no model installed" if exc.code == "no_model" else exc.message
         return {"ok": False, "message": message}
-    return {"ok": True, "model_version": meta.model_version, "trained": meta.trained}
+    return {"ok": True, "model_version": meta.model_version, "trained": meta.trained,
+            "gate_version": gate.version}
 
 
 def _check_workers(broker_ok: bool) -> dict[str, Any]:
