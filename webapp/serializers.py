@@ -46,6 +46,7 @@ def image_json(study: Study, image: Image) -> dict[str, Any]:
             "gate_version": p.gate_version,
             "threshold": p.threshold,
             "model_version": p.model_version,
+            "model_card_url": url_for("about.model_page", version=p.model_version),
             "model_sha256": p.model_sha256,
             "model_trained": p.model_trained,
             "preprocess_version": p.preprocess_version,

@@ -73,3 +73,19 @@ def test_the_shipped_card_renders(app, client):
 def test_signed_out_visitors_do_not_see_it(anon_client):
     assert anon_client.get("/model").status_code in (302, 401)
     assert anon_client.get("/api/v1/model").status_code == 401
+
+
+def test_a_result_links_to_the_card_of_its_model(app, client, clinician_id, tiny_model_dir):
+    from tests.webapp.rows import add_study
+
+    version = read_metadata(tiny_model_dir).model_version
+    with app.app_context():
+        study_id = add_study(clinician_id, model_version=version)
+    body = client.get(f"/api/v1/studies/{study_id}").get_json()
+    [result] = [i["result"] for i in body["images"] if i["result"]]
+    assert result["model_card_url"] == f"/model?version={result['model_version']}"
+    html = client.get(result["model_card_url"]).get_data(as_text=True)
+    assert "About this model" in html
+    assert "no longer served" not in html
+    html = client.get("/model?version=resnet50-cxr-old").get_data(as_text=True)
+    assert "produced by model resnet50-cxr-old, which is no longer served" in html

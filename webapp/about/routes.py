@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, render_template, url_for
+from flask import Blueprint, current_app, jsonify, render_template, request, url_for
 from markupsafe import Markup
 
 from ml.artifact import ArtifactError, ModelMetadata, read_metadata
@@ -74,10 +74,14 @@ def summary(meta: ModelMetadata) -> dict[str, Any]:
 
 @bp.get("/model")
 def model_page() -> Any:
-    """About this model: its card, or why there is none."""
+    """About this model: its card, or why there is none (?version=V: the result's model)."""
     meta, card, missing = _served()
     html = render_card(card) if card else None
-    return render_template("about/model.html", meta=meta, card=html, missing=missing)
+    asked = request.args.get("version", "")[:200]
+    other = asked if meta is not None and asked and asked != meta.model_version else None
+    return render_template(
+        "about/model.html", meta=meta, card=html, missing=missing, other_version=other
+    )
 
 
 @bp.get("/api/v1/model")
