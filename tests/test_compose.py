@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from webapp.config import ENV_VARS
+from webapp.config import ENV_VARS, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_SERVICES = ("web", "worker", "worker-gpu", "beat", "migrate")
@@ -293,6 +293,27 @@ def test_app_services_wait_for_migrations_and_backing_services(
         else {}
     )
     assert got == expected, f"{name} depends_on {got}, expected {expected}"
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_long_running_services_come_back_after_a_crash(services: dict[str, Any], name: str) -> None:
+    policy = services[name].get("restart", "no")
+    assert policy in ("always", "unless-stopped"), (
+        f"{name} restart: {policy!r}; a killed {name} would stay down"
+    )
+
+
+def test_workers_and_beat_agree_on_the_lease(services: dict[str, Any]) -> None:
+    # The sweeper (beat) judges the heartbeats the workers write: one setting for all,
+    # with the defaults config.py gives a local run.
+    defaults = Settings.from_env({"SECRET_KEY": "x"})
+    expected = {"LEASE_S": defaults.lease_s, "HEARTBEAT_S": defaults.heartbeat_s,
+                "SWEEP_INTERVAL_S": defaults.sweep_interval_s}
+    for name in CELERY_SERVICES:
+        env = env_of(services[name])
+        got = {key: int(with_defaults(env.get(key, "unset"))) if key in env else None
+               for key in expected}
+        assert got == expected, f"{name}: {got}, expected {expected}"
 
 
 def test_migrate_waits_for_postgres(services: dict[str, Any]) -> None:
