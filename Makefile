@@ -31,6 +31,7 @@ lint: $(TEST_STAMP)
 
 dev-model: $(STAMP)  ## Write an UNTRAINED ResNet50 artifact to models/dev (development only)
 	$(BIN)/python -m ml.model --init models/dev
+	$(BIN)/python -m ml.training.gate --model models/dev --quick
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

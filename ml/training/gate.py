@@ -182,7 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="onnx", choices=["onnx", "keras"])
     parser.add_argument("--components", type=int, default=64)
     parser.add_argument("--C", type=float, default=0.1, dest="c")
+    parser.add_argument("--quick", action="store_true",
+                        help="development/test models: fit on a small set in a minute, no report")
     args = parser.parse_args(argv)
+    if args.quick:
+        from ml.training.gate_quick import fit_quick_gate
+
+        fit_quick_gate(args.model, args.cxr, args.ood, backend="keras")
+        print(f"wrote a quick (development only) gate to {args.model / GATE_FILE}")
+        return 0
     meta = read_metadata(args.model)
     cache = args.cache or Path("bench/out") / f"gate-{meta.model_version}.npz"
     samples = all_samples(args.model, args.cxr, args.ood, keep_sources=TRAIN_ONLY_SOURCES)
