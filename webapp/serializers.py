@@ -23,8 +23,8 @@ def abstain_message(reason: str | None) -> str | None:
     if reason is None:
         return None
     why = REASONS.get(reason, "the image is not one the model can read")
-    return (f"No COVID-19 result: {why}. The model was trained on frontal chest X-rays of "
-            "adults only; upload a frontal (PA or AP) chest X-ray to get a result.")
+    return (f"No COVID-19 result: {why}. The model reads frontal (PA or AP) chest X-rays "
+            "only; upload one to get a result.")
 
 
 def image_json(study: Study, image: Image) -> dict[str, Any]:
