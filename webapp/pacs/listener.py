@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flask import Flask
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 VERIFICATION = "1.2.840.10008.1.1"
+STORE_THREADS = 4
 
 
 class Collector:
@@ -41,6 +43,7 @@ class Collector:
         self._lock = threading.Lock()
         self._pending: dict[str, intake.PendingStudy] = {}
         self._unstored: list[intake.PendingStudy] = []  # the database refused them; retried
+        self._pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
         self.received = 0
         self.refused = 0
         self.stored = 0
@@ -92,23 +95,25 @@ class Collector:
             for pending in due:
                 del self._pending[pending.study_uid]
             due, self._unstored = self._unstored + due, []
-        stored = 0
-        for pending in due:
-            try:
-                with self.app.app_context():
-                    study = intake.store(pending, self.owner_id)
-            except Exception as exc:  # the database is down: keep it and try again next tick
-                log.error("event=dicom_store_failed images=%d error=%s", len(pending.images),
-                          type(exc).__name__)
-                with self._lock:
-                    self._unstored.append(pending)
-                continue
-            stored += 1
+        # Storing waits on the database and the broker; a few threads overlap those waits.
+        return sum(self._pool.map(self._store, due))
+
+    def _store(self, pending: intake.PendingStudy) -> int:
+        try:
+            with self.app.app_context():
+                study = intake.store(pending, self.owner_id)
+        except Exception as exc:  # the database is down: keep it and try again next tick
+            log.error("event=dicom_store_failed images=%d error=%s", len(pending.images),
+                      type(exc).__name__)
+            with self._lock:
+                self._unstored.append(pending)
+            return 0
+        with self._lock:
             self.stored += 1
-            log.info("event=dicom_study_queued study=%s images=%d via=%s calling_ae=%s "
-                     "quiet_ms=%.0f", study.id, len(pending.images), pending.via,
-                     pending.calling_ae, (time.monotonic() - pending.last_monotonic) * 1000)
-        return stored
+        log.info("event=dicom_study_queued study=%s images=%d via=%s calling_ae=%s quiet_ms=%.0f",
+                 study.id, len(pending.images), pending.via, pending.calling_ae,
+                 (time.monotonic() - pending.last_monotonic) * 1000)
+        return 1
 
 
 def _status(code: int, comment: str) -> Dataset:
