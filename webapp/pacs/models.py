@@ -27,7 +27,8 @@ class DicomOrigin(db.Model):
     # The patient's and study's original identifiers and each image's original UIDs
     # (webapp/pacs/identity.py), kept only until the results are delivered: set to None
     # by a successful send, or when there is nothing to send.
-    identifiers: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # none_as_null: deleted means SQL NULL, not the JSON value null, so IS NULL finds it.
+    identifiers: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     identifiers_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 

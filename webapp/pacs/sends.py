@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import func, select, update
+from sqlalchemy import func, null, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -71,7 +71,7 @@ def _forget_identifiers(session: Session, study_id: str) -> None:
     session.execute(
         update(DicomOrigin)
         .where(DicomOrigin.study_id == study_id, DicomOrigin.identifiers.is_not(None))
-        .values(identifiers=None, identifiers_deleted_at=utcnow())
+        .values(identifiers=null(), identifiers_deleted_at=utcnow())
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from tests.webapp.rows import add_study
 from webapp.extensions import db
@@ -82,6 +82,9 @@ def test_nothing_is_sent_without_a_destination_and_the_identifiers_go(app, hints
         assert sends.study_finished(study_id) is None
     send, origin = _row(app, study_id)
     assert send is None and origin.identifiers is None and origin.identifiers_deleted_at is not None
+    with app.app_context():  # SQL NULL, not JSON null: the sweeper's IS NULL tests see it
+        assert db.session.scalar(select(func.count()).select_from(DicomOrigin)
+                                 .where(DicomOrigin.identifiers.is_(None))) == 1
 
 
 def test_a_failed_study_sends_nothing_and_forgets_the_identifiers(app, hints):
