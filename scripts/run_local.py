@@ -12,7 +12,8 @@ prefork's children) is killed before the new one starts.
 Ctrl-C stops everything, in order: the children run in their own sessions so
 that the terminal's SIGINT reaches only this launcher, which stops the web
 server first and Redis last. Reads PORT, REDIS_URL and MODEL_DIR only to pass them
-on; the services themselves read their settings through webapp/config.py.
+on, and DICOM_LISTENER through webapp/config.py to decide whether to start the DICOM
+listener; the services themselves read their settings through webapp/config.py.
 """
 
 from __future__ import annotations
@@ -146,6 +147,15 @@ def _kill_leftovers(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def dicom_listener_enabled(env: dict[str, str]) -> bool:
+    """DICOM_LISTENER as webapp/config.py reads it (the only module that reads settings)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from webapp.config import Settings
+
+    return Settings.from_env(env).dicom_listener
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -193,6 +203,9 @@ def main() -> int:
                                "--concurrency=4", "--hostname=local@%h"], env),
             Service("beat", [*celery, "beat", "--loglevel=INFO",
                              f"--schedule={INSTANCE / 'celerybeat-schedule'}"], env),
+            # The DICOM storage listener, only when DICOM_LISTENER=1 (docs/operations.md).
+            *([Service("dicom", [str(VENV_BIN / "python"), "-m", "webapp.pacs.listener"], env)]
+              if dicom_listener_enabled(env) else []),
             Service("web", [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers",
                             "2", "--timeout", "60", "webapp:create_app()"], env),
         ):

@@ -21,3 +21,11 @@ def test_the_dicom_service_runs_the_listener_once_on_its_published_port():
     # Workers send the results and the web shows where: both see the destination.
     for name in ("web", "worker", "beat", "dicom"):
         assert "PACS_DESTINATION" in env_of(services[name]), name
+
+
+def test_make_run_starts_the_listener_only_when_enabled():
+    from scripts.run_local import dicom_listener_enabled
+
+    assert not dicom_listener_enabled({"SECRET_KEY": "x"})
+    assert not dicom_listener_enabled({"SECRET_KEY": "x", "DICOM_LISTENER": "0"})
+    assert dicom_listener_enabled({"SECRET_KEY": "x", "DICOM_LISTENER": "1"})
