@@ -10,3 +10,14 @@ reports     the structured report and the heatmap secondary captures (pydicom on
 transport   C-STORE and STOW-RS clients
 sends       the only code that changes a pacs_sends row
 """
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+
+def where(exc: BaseException) -> str:
+    """file:line where an exception was raised, for logs that must not quote its message."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 
-from webapp.pacs import intake
+from webapp.pacs import intake, where
 from webapp.pacs.intake import INPUT_ERROR, OUT_OF_RESOURCES, STATUS_BY_CODE
 from webapp.uploads import UploadError
 
@@ -65,7 +65,9 @@ class Collector:
                 return STATUS_BY_CODE.get(exc.code, INPUT_ERROR), f"{exc.code}: {exc.message}"
             except Exception as exc:
                 self.refused += 1
-                log.exception("event=dicom_receive_error calling_ae=%s", calling_ae)
+                # Type and place only: an exception's text may quote the object's values.
+                log.error("event=dicom_receive_error calling_ae=%s error=%s at=%s", calling_ae,
+                          type(exc).__name__, where(exc))
                 return OUT_OF_RESOURCES, f"internal_error: {type(exc).__name__}"
         self.received += 1
         return 0x0000, ""

@@ -29,7 +29,7 @@ from webapp.broker import celery_app
 from webapp.extensions import db
 from webapp.jobs import FINISHED, StudyStatus
 from webapp.models import Image, Prediction, Study, utcnow
-from webapp.pacs import reports, transport
+from webapp.pacs import reports, transport, where
 from webapp.pacs.models import DicomOrigin, PacsSend
 from webapp.serializers import abstain_message
 
@@ -253,7 +253,9 @@ def run_send(send_id: int) -> Outcome:
     except transport.SendError as exc:
         return _after_failure(token, f"{exc.code}: {exc.message}", config)
     except Exception as exc:  # a bug must not leave the send SENDING until the sweeper comes
-        log.exception("event=pacs_send_error send=%s study=%s", send_id, token.study_id)
+        # Type and place only: the objects carry patient identifiers an error text may quote.
+        log.error("event=pacs_send_error send=%s study=%s error=%s at=%s", send_id,
+                  token.study_id, type(exc).__name__, where(exc))
         return _after_failure(token, f"internal_error: {type(exc).__name__}", config)
     won = delivered(session, token, objects)
     session.remove()

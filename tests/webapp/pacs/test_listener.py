@@ -23,6 +23,7 @@ from tests.dicom_objects import (
 )
 
 OWNER = "pacs-owner@example.org"
+VERIFICATION = "1.2.840.10008.1.1"
 SCU_AE = "TESTSCU"
 
 
@@ -58,7 +59,7 @@ def listener(app) -> Iterator[dict]:
 
 def _associate(port: int, calling: str = SCU_AE):
     ae = AE(ae_title=calling)
-    for sop_class in (DX_FOR_PRESENTATION, BASIC_TEXT_SR):
+    for sop_class in (DX_FOR_PRESENTATION, BASIC_TEXT_SR, VERIFICATION):
         ae.add_requested_context(sop_class)
     return ae.associate("127.0.0.1", port, ae_title="COVIDCXR")
 
@@ -89,7 +90,7 @@ def test_bad_objects_are_refused_and_the_association_carries_on(app, listener):
     png = real_xray_paths(1)[0]
     study = new_study()
     assoc = _associate(listener["port"])
-    assert assoc.is_established
+    assert assoc.is_established and int(assoc.send_c_echo().Status) == 0
     statuses = []
     for ds in (cxr_dataset(png, study), cxr_dataset(png, study, frames=2), report_dataset(study),
                truncated_dataset(png, study), cxr_dataset(png, study)):
