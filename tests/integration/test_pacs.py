@@ -202,3 +202,34 @@ def test_results_wait_for_a_pacs_that_is_down_and_arrive_once_when_it_is_back(
             == [(2,)]
     finally:
         orthanc.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_stow_rs_in_and_stow_rs_out(stack_factory, database_url, tiny_model_dir, tmp_path):
+    from tests.dicom_objects import encode
+    from webapp.pacs.multipart import encode_related
+
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    try:
+        stack = stack_factory(database_url, tiny_model_dir, extra_env={
+            "PACS_DESTINATION": f"{orthanc.url}/dicom-web"})
+        png = real_xray_paths(1, "covid")[0]
+        study = new_study()
+        body, content_type = encode_related([encode(cxr_dataset(png, study))])
+        stored = requests.post(f"{stack.base_url}/dicomweb/studies", data=body, timeout=30,
+                               headers={**stack.headers, "Content-Type": content_type,
+                                        "Accept": "application/dicom+json"})
+        assert stored.status_code == 200, stored.text
+        assert stack.wait(stored.headers["Location"].rsplit("/", 1)[1])["status"] == "succeeded"
+        orthanc.wait_for(study["StudyInstanceUID"], 2)
+        # Queried back over Orthanc's DICOMweb (QIDO-RS): the report and the heatmap, in the study.
+        found = requests.get(f"{orthanc.url}/dicom-web/studies/{study['StudyInstanceUID']}/instances",
+                             timeout=10).json()
+        assert sorted(i["00080016"]["Value"][0] for i in found) == [
+            "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.33"]
+        patient = requests.get(f"{orthanc.url}/dicom-web/studies?StudyInstanceUID="
+                               f"{study['StudyInstanceUID']}", timeout=10).json()[0]
+        assert patient["00100020"]["Value"] == [PATIENT["PatientID"]]
+        assert rows(database_url, "SELECT via, identifiers FROM dicom_origins") == [("stow", None)]
+    finally:
+        orthanc.stop()
