@@ -53,7 +53,7 @@ ENV_VARS: dict[str, str] = {
     "INFERENCE_BACKEND": "auto | onnx | keras; auto = ONNX Runtime when the artifact has an ONNX export and no GPU is visible, else Keras; default auto",
     "BATCH_MAX_SIZE": "most images one worker process runs through the model at once; default 16",
     "BATCH_MAX_WAIT_MS": "longest a ready image waits for others already being decoded; default 15",
-    "VISIBILITY_TIMEOUT_S": "seconds before Redis redelivers a message whose worker vanished; default TASK_SOFT_TIME_LIMIT + 60",
+    "VISIBILITY_TIMEOUT_S": "seconds before Redis re-offers a message taken by a worker that has not acknowledged it (one that died before claiming its study); a study whose worker still beats is not taken over; default 60",
     "LOG_LEVEL": "logging level; default INFO",
     "SESSION_COOKIE_SECURE": "send the session cookie over HTTPS only (1/0; browsers treat 127.0.0.1 and localhost as secure); default 1",
     "SESSION_IDLE_MINUTES": "a browser session ends after this many idle minutes; default 480",
@@ -194,7 +194,7 @@ class Settings:
     inference_backend: str = "auto"
     batch_max_size: int = 16
     batch_max_wait_ms: int = 15
-    visibility_timeout_s: int = 360
+    visibility_timeout_s: int = 60
     log_level: str = "INFO"
     session_cookie_secure: bool = True
     session_idle_minutes: int = 480
@@ -251,9 +251,7 @@ class Settings:
             inference_backend=_choice(env, "INFERENCE_BACKEND", ("auto", "onnx", "keras"), "auto"),
             batch_max_size=_int(env, "BATCH_MAX_SIZE", 16),
             batch_max_wait_ms=_int(env, "BATCH_MAX_WAIT_MS", 15),
-            visibility_timeout_s=_int(
-                env, "VISIBILITY_TIMEOUT_S", _int(env, "TASK_SOFT_TIME_LIMIT", 300) + 60
-            ),
+            visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT_S", 60),
             log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
             session_cookie_secure=_flag(env, "SESSION_COOKIE_SECURE", True),
             session_idle_minutes=_int(env, "SESSION_IDLE_MINUTES", 480),
@@ -324,10 +322,19 @@ class Settings:
                 "task_time_limit": self.task_soft_time_limit + 30,
                 "task_default_queue": self.celery_queue,
                 "broker_connection_retry_on_startup": True,
-                # A lost worker must not hide a study for an hour: redeliver
-                # unacked messages after the longest a task may run.
+                # A send retries for about 5 s, so a broker restart (make run's Redis is
+                # back within 2 s) does not leave an upload QUEUED until STALE_AFTER_S.
+                "task_publish_retry_policy": {
+                    "max_retries": 5, "interval_start": 0, "interval_step": 0.5, "interval_max": 2,
+                },
+                # A message taken by a worker that died before claiming its study comes
+                # back after the visibility timeout, looked for every 5 s. Re-offering a
+                # message whose study is still running is harmless: claim leaves a study
+                # whose worker beats to it (the lease), so this need not cover a task's run.
                 "broker_transport_options": {
                     "visibility_timeout": self.visibility_timeout_s,
+                    "unacked_restore_interval": 5,
+                    "unacked_restore_throttle": 1,
                 },
                 "worker_send_task_events": True,
                 "beat_schedule": {

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from webapp.models import Prediction, Study, as_utc, utcnow
@@ -122,6 +122,7 @@ def transition(
     target: StudyStatus,
     *,
     token: Claim | None = None,
+    guard: ColumnElement[bool] | None = None,
     **fields: Any,
 ) -> bool:
     """Move one study from any of `sources` to `target`; True if this call made the move.
@@ -130,7 +131,8 @@ def transition(
     is a bug in the caller, not a race: it raises TransitionError before any
     SQL runs. An allowed move is one compare-and-set UPDATE, guarded by the
     study's status being one of `sources` and, when `token` is given, by
-    `attempts` still being the token; it sets the status, the timestamps of
+    `attempts` still being the token, and by `guard` if given (claim's
+    expired lease); it sets the status, the timestamps of
     the target (queued_at, started_at and attempts + 1, or finished_at; a
     success clears the error) and any extra columns in `fields` (a failure's
     error_code and error_message). It returns False, changing nothing, when
@@ -149,6 +151,8 @@ def transition(
     guards = [Study.id == study_id, Study.status.in_(sorted(s.value for s in sources))]
     if token is not None:
         guards.append(Study.attempts == token.token)
+    if guard is not None:
+        guards.append(guard)
     result = session.execute(
         update(Study)
         .where(*guards)
@@ -158,14 +162,23 @@ def transition(
     return result.rowcount == 1
 
 
-def claim(session: Session, study_id: str, max_attempts: int) -> Claim | None:
-    """QUEUED (or RUNNING, on redelivery) -> RUNNING; None if finished, absent or out of attempts.
+def claim(session: Session, study_id: str, max_attempts: int,
+          lease_s: float | None = None) -> Claim | None:
+    """QUEUED (or RUNNING, on redelivery) -> RUNNING; None if finished, absent, still
+    beating elsewhere or out of attempts.
 
-    A RUNNING study here means its last worker was lost; the redelivered
-    message takes it over (RUNNING -> QUEUED -> RUNNING in one step).
-    Commits.
+    A redelivered message of a RUNNING study takes it over (RUNNING -> QUEUED
+    -> RUNNING in one step) only when its last worker was lost: with
+    `lease_s`, when no heartbeat came for that long. A study whose worker
+    still beats is left to it (the broker re-offers messages after its
+    visibility timeout whatever the worker is doing). Commits.
     """
-    if not transition(session, study_id, PENDING, StudyStatus.RUNNING):
+    lost = None
+    if lease_s is not None:
+        cutoff = utcnow() - timedelta(seconds=lease_s)
+        lost = or_(Study.status == StudyStatus.QUEUED.value, Study.heartbeat_at.is_(None),
+                   Study.heartbeat_at < cutoff)
+    if not transition(session, study_id, PENDING, StudyStatus.RUNNING, guard=lost):
         session.rollback()
         return None
     attempts = session.execute(select(Study.attempts).where(Study.id == study_id)).scalar_one()

@@ -68,7 +68,7 @@ def run_study(study_id: str) -> str:
 
 
 def _run(study_id: str, config: Any) -> str:
-    token = jobs.claim(db.session, study_id, config["TASK_MAX_ATTEMPTS"])
+    token = jobs.claim(db.session, study_id, config["TASK_MAX_ATTEMPTS"], lease_s=config["LEASE_S"])
     db.session.remove()
     if token is None:
         log.info("event=study_skipped study=%s", study_id)

@@ -28,6 +28,8 @@ FAST_RECOVERY = {
     "VISIBILITY_TIMEOUT_S": "4",  # Redis hands a dead worker's messages back after 4 s
     "STALE_AFTER_S": "8",  # the sweeper re-sends studies stuck longer than this
     "SWEEP_INTERVAL_S": "1",
+    "LEASE_S": "3",  # ... and a RUNNING study whose worker stopped beating for 3 s
+    "HEARTBEAT_S": "1",
 }
 
 
@@ -129,8 +131,10 @@ def poison_png() -> bytes:
 def test_poison_image_fails_after_bounded_attempts_others_unaffected(
     stack_factory, pg_database, tiny_model_dir
 ):
-    stack = stack_factory(pg_database, tiny_model_dir, worker=False,
-                          extra_env={"TASK_MAX_ATTEMPTS": "3"})
+    # The redelivery after each crash finds the crashed child's lease still running and leaves
+    # the study; the sweeper re-sends it once the lease has run out.
+    stack = stack_factory(pg_database, tiny_model_dir, worker=False, beat=True,
+                          extra_env={**FAST_RECOVERY, "TASK_MAX_ATTEMPTS": "3"})
     poison = stack.upload(("scan.png", poison_png()))["id"]
     good = [stack.upload(xray(i))["id"] for i in range(2)]
     # Prefork: the crash takes down a child, which Celery replaces; the message is requeued.

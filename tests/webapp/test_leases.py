@@ -159,3 +159,23 @@ def test_stale_studies_queued_in_a_workers_hand_by_heartbeat(app):
         # Re-sent: its deadline restarts and the worker that held it counts no more.
         assert jobs.touch_queued(db.session, held_dead)
         assert stale_ids() == []
+
+
+def test_a_redelivered_message_leaves_a_study_whose_worker_beats_to_it(app):
+    with app.app_context():
+        study_id = new_study()
+        alive = jobs.claim(db.session, study_id, max_attempts=3, lease_s=LEASE_S)
+        # The broker re-offered the message (visibility timeout) while the worker still beats.
+        assert jobs.claim(db.session, study_id, max_attempts=3, lease_s=LEASE_S) is None
+        study = db.session.get(Study, study_id, populate_existing=True)
+        assert study.status == StudyStatus.RUNNING and study.attempts == 1
+        assert jobs.heartbeat(db.session, [alive]) == {study_id}
+        # Once the beats stop for LEASE_S, the next delivery takes over with a new token.
+        age(study_id, heartbeat_at=LEASE_S + 1)
+        taken_over = jobs.claim(db.session, study_id, max_attempts=3, lease_s=LEASE_S)
+        assert taken_over.token == 2
+        assert jobs.finish(db.session, alive, []) is False
+        # A row from before heartbeats (none recorded) counts as lost.
+        db.session.execute(update(Study).where(Study.id == study_id).values(heartbeat_at=None))
+        db.session.commit()
+        assert jobs.claim(db.session, study_id, max_attempts=3, lease_s=LEASE_S).token == 3

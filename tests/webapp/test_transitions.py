@@ -86,6 +86,8 @@ def stale(study_id: str) -> Claim:
 CALLS: dict[str, Callable[[str], Any]] = {
     "claim": lambda sid: jobs.claim(db.session, sid, max_attempts=5),
     "claim past max_attempts": lambda sid: jobs.claim(db.session, sid, max_attempts=0),
+    # new_study's heartbeat is an hour old: a RUNNING study's lease has run out.
+    "claim, lease expired": lambda sid: jobs.claim(db.session, sid, max_attempts=5, lease_s=60),
     "finish": lambda sid: jobs.finish(db.session, current(sid), []),
     "finish, stale token": lambda sid: jobs.finish(db.session, stale(sid), []),
     "fail by id": lambda sid: jobs.fail(db.session, sid, "bad_input", "unreadable"),
@@ -100,6 +102,7 @@ CALLS: dict[str, Callable[[str], Any]] = {
 MOVES: dict[str, dict[StudyStatus, list[tuple[StudyStatus, StudyStatus]]]] = {
     "claim": {Q: [(Q, R)], R: [(R, R)]},  # R -> R: redelivery after a lost worker
     "claim past max_attempts": {Q: [(Q, R), (R, F)], R: [(R, R), (R, F)]},
+    "claim, lease expired": {Q: [(Q, R)], R: [(R, R)]},
     "finish": {R: [(R, S)]},
     "finish, stale token": {},
     "fail by id": {Q: [(Q, F)], R: [(R, F)]},
@@ -114,7 +117,7 @@ MOVES: dict[str, dict[StudyStatus, list[tuple[StudyStatus, StudyStatus]]]] = {
 
 def expected_return(name: str, start: StudyStatus) -> Any:
     moved = start in MOVES[name]
-    if name == "claim":
+    if name in ("claim", "claim, lease expired"):
         return "claim" if moved else None
     if name == "claim past max_attempts":
         return None  # claimed, then failed at once

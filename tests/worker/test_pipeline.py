@@ -23,6 +23,12 @@ def upload(client, *files: tuple[str, bytes]) -> str:
     return response.get_json()["id"]
 
 
+def lease_ran_out(study_id: str, lease_s: float) -> None:
+    """Age the study's heartbeat past the lease, as if its worker had died then."""
+    db.session.get(Study, study_id).heartbeat_at = utcnow() - timedelta(seconds=lease_s + 1)
+    db.session.commit()
+
+
 def prediction_count(study_id: str) -> int:
     return db.session.scalar(
         select(func.count()).select_from(Prediction).join(Image).where(Image.study_id == study_id)
@@ -79,6 +85,8 @@ def test_redelivery_after_a_lost_worker_takes_over(app, client):
     with app.app_context():
         lost = jobs.claim(db.session, study_id, max_attempts=3)  # a worker that then died
         assert lost is not None and lost.token == 1
+        assert pipeline.run_study(study_id) == "skipped"  # redelivered while its lease runs
+        lease_ran_out(study_id, app.config["LEASE_S"])
         assert pipeline.run_study(study_id) == "succeeded"  # the redelivered message
         # The dead worker's token is stale: it can neither finish nor fail the study.
         assert jobs.finish(db.session, lost, []) is False
@@ -93,6 +101,7 @@ def test_too_many_attempts_fails_the_study(app, client):
     with app.app_context():
         for _ in range(3):
             assert jobs.claim(db.session, study_id, max_attempts=3) is not None
+        lease_ran_out(study_id, app.config["LEASE_S"])
         assert pipeline.run_study(study_id) == "skipped"
         study = db.session.get(Study, study_id)
         assert study.status == StudyStatus.FAILED and study.error_code == "too_many_attempts"
