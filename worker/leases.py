@@ -91,8 +91,10 @@ class Leases:
             renewed = jobs.heartbeat(db.session, tokens, waiting)
         finally:
             db.session.remove()
+        with self._lock:
+            still_held = set(self._held)  # a study that finished meanwhile is not lost
         for token in tokens:
-            if token.study_id not in renewed:
+            if token.study_id not in renewed and token in still_held:
                 # Taken over or requeued: whatever this process writes for it now is discarded.
                 log.warning("event=lease_lost study=%s token=%s", token.study_id, token.token)
         return renewed
