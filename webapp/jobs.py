@@ -296,6 +296,20 @@ def stale_studies(session: Session, older_than_s: float, lease_s: float | None =
     return stale
 
 
+def unclaimed_studies(session: Session, older_than_s: float, limit: int = 500) -> list[Claim]:
+    """QUEUED studies waiting longer than `older_than_s` that no worker holds (no heartbeat since
+    they were queued): each should have a message waiting in the broker's queue. Reads only."""
+    deadline = utcnow() - timedelta(seconds=older_than_s)
+    rows = session.execute(
+        select(Study.id, Study.attempts, Study.queued_at, Study.heartbeat_at)
+        .where(Study.status == StudyStatus.QUEUED.value, Study.queued_at < deadline)
+        .order_by(Study.created_at)
+        .limit(limit)
+    ).all()
+    return [Claim(study_id, attempts) for study_id, attempts, queued_at, heartbeat_at in rows
+            if heartbeat_at is None or as_utc(heartbeat_at) < as_utc(queued_at)]
+
+
 def touch_queued(session: Session, study_id: str) -> bool:
     """Restart a QUEUED study's deadline after re-sending its message (QUEUED -> QUEUED). Commits.
 

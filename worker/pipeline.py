@@ -142,16 +142,37 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> str:
     return "succeeded" if won else "stale"
 
 
-def requeue_stale(send: Callable[[str], object]) -> int:
+def requeue_stale(send: Callable[[str], object],
+                  queue_depth: Callable[[], int] | None = None) -> int:
     """Re-enqueue lost studies (no heartbeat for LEASE_S, or past STALE_AFTER_S); returns how many.
 
     The database says which, the broker is only told. The requeue is guarded
     by the attempt count the sweep read, so a study a new worker claimed in
     the meantime is left to it, and nothing is sent for it.
+
+    With `queue_depth` (messages waiting in the broker's queue), QUEUED studies
+    that have waited LEASE_S, held by no worker, are re-sent too when they
+    outnumber those messages: some messages were lost (a worker killed between
+    taking a message off the queue and recording it keeps no copy anywhere).
+    Which ones cannot be told, so all are re-sent; a copy of a message that
+    was not lost finds its study claimed and is skipped.
     """
     config = current_app.config
     sent = 0
-    for stale in jobs.stale_studies(db.session, config["STALE_AFTER_S"], config["LEASE_S"]):
+    lost = jobs.stale_studies(db.session, config["STALE_AFTER_S"], config["LEASE_S"])
+    if queue_depth is not None:
+        seen = {s.study_id for s in lost}
+        unclaimed = [c for c in jobs.unclaimed_studies(db.session, config["LEASE_S"])
+                     if c.study_id not in seen]
+        try:
+            messages = queue_depth() if unclaimed else 0
+        except Exception as exc:  # the broker is away: the next sweep looks again
+            log.warning("event=queue_depth_failed error=%s", type(exc).__name__)
+            messages = len(unclaimed)
+        if len(unclaimed) > messages:
+            log.warning("event=messages_missing waiting=%d messages=%d", len(unclaimed), messages)
+            lost += unclaimed
+    for stale in lost:
         was_running = jobs.requeue(db.session, stale.study_id, token=stale)
         if was_running or jobs.touch_queued(db.session, stale.study_id):
             send(stale.study_id)

@@ -6,6 +6,7 @@ from celery import shared_task
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from webapp.broker import queue_depth
 from worker import pipeline
 
 # Errors worth retrying: the database or broker blinked. Bad input never is.
@@ -27,5 +28,5 @@ def process_study(study_id: str) -> str:
 
 @shared_task(name="worker.tasks.requeue_stale_studies", autoretry_for=TRANSIENT, max_retries=2)
 def requeue_stale_studies() -> int:
-    """Re-send studies stuck QUEUED or RUNNING past the deadline (the sweeper)."""
-    return pipeline.requeue_stale(send=process_study.delay)
+    """Re-send studies whose worker was lost or whose message was (the sweeper)."""
+    return pipeline.requeue_stale(send=process_study.delay, queue_depth=queue_depth)

@@ -137,3 +137,35 @@ def test_isolation_says_when_a_study_would_wait():
         assert isolation.would_wait(True) and not isolation.would_wait(False)
     with isolation.hold(exclusive=True):
         assert isolation.would_wait(True) and isolation.would_wait(False)
+
+
+def queued_long_ago(study_id: str, seconds: float) -> None:
+    db.session.execute(update(Study).where(Study.id == study_id)
+                       .values(queued_at=utcnow() - timedelta(seconds=seconds)))
+    db.session.commit()
+
+
+def test_sweeper_resends_waiting_studies_when_the_queue_holds_fewer_messages(app, client):
+    lease_s = app.config["LEASE_S"]
+    waiting = [upload(client, (f"{i}.png", png_bytes())) for i in range(3)]
+    fresh = upload(client, ("new.png", png_bytes()))
+    in_hand = upload(client, ("held.png", png_bytes()))
+    with app.app_context():
+        for study_id in (*waiting, in_hand):
+            queued_long_ago(study_id, lease_s + 1)
+        jobs.heartbeat(db.session, [], [in_hand])  # a live worker holds it: not the queue's
+        sent: list[str] = []
+        # Three studies wait, three messages wait: nothing is missing.
+        assert pipeline.requeue_stale(send=sent.append, queue_depth=lambda: 3) == 0
+        # One message fewer (a worker died between taking one and recording it): all three go again.
+        assert pipeline.requeue_stale(send=sent.append, queue_depth=lambda: 2) == 3
+        assert sorted(sent) == sorted(waiting) and fresh not in sent
+        # Their wait restarted: the next sweep finds nothing missing.
+        assert pipeline.requeue_stale(send=sent.append, queue_depth=lambda: 0) == 0
+
+        def broker_away() -> int:
+            raise ConnectionError("broker away")
+
+        for study_id in waiting:
+            queued_long_ago(study_id, lease_s + 1)
+        assert pipeline.requeue_stale(send=sent.append, queue_depth=broker_away) == 0
