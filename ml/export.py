@@ -1,10 +1,15 @@
-"""`python -m ml.export MODEL_DIR`: write an ONNX export beside a Keras artifact, checked for parity.
+"""`python -m ml.export MODEL_DIR [--int8 --manifest CSV]`: write an ONNX export beside a Keras
+artifact, checked for parity, and optionally its int8 variant (ml/training/int8.py).
 
 The exported graph has one input (a preprocessed batch) and three outputs:
 `covid_probability` (N, 1), `cam` (N, h, w), the class-activation map of
 the last convolutional block (see ml/backends.py for why that is Grad-CAM
 here), and `features` (N, 2048), the pooled backbone output the input gate
 (ml/gate.py) scores. CPU workers serve it with ONNX Runtime, without TensorFlow.
+
+`--int8` quantises that export for ONNX Runtime's int8 kernels (model.int8.onnx),
+calibrated on training images of the manifest and measured against float32 on
+validation; an existing export made from the same weights is reused.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ml.artifact import load_weight_arrays, read_metadata, sha256_file
-from ml.backends import ONNX_FILE, ONNX_INFO_FILE, KerasBackend, OnnxBackend
+from ml.artifact import ArtifactError, load_weight_arrays, read_metadata, sha256_file
+from ml.backends import ONNX_FILE, ONNX_INFO_FILE, KerasBackend, OnnxBackend, read_onnx_info
 from ml.preprocess import IMAGENET_BGR_MEAN
 
 PARITY_TOLERANCE = 1e-4
@@ -102,10 +107,47 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ml.export", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="model artifact directory (metadata.json + weights.npz)")
     parser.add_argument("--opset", type=int, default=17)
+    int8 = parser.add_argument_group("int8 variant (needs the images)")
+    int8.add_argument("--int8", action="store_true", help="also write model.int8.onnx (+ .json)")
+    int8.add_argument("--manifest", type=Path, help="manifest.csv of the images the split names")
+    int8.add_argument("--split", type=Path, help="default: MODEL_DIR/split.csv")
+    int8.add_argument("--ood", type=Path, help="the gate's OOD set, for its other validation "
+                      "kinds (default: ood/ beside the manifest's folder, if present)")
+    int8.add_argument("--calibration-images", type=int, default=256)
+    int8.add_argument("--percentile", type=float, default=99.99)
+    int8.add_argument("--equalise", type=float, default=0.5, help="alpha; 0 = no equalisation")
+    int8.add_argument("--keep-fp32", nargs="*", default=[], help="more ONNX node names kept float32")
     args = parser.parse_args(argv)
-    info = export_onnx(args.model_dir, opset=args.opset)
-    print(f"wrote {Path(args.model_dir) / ONNX_FILE} sha256={info['sha256']}")
-    print(f"parity vs Keras: {info['parity']}")
+    if args.int8 and args.manifest is None:
+        parser.error("--int8 needs --manifest (calibration and parity use the images)")
+    model_dir = Path(args.model_dir)
+    try:
+        read_onnx_info(model_dir, read_metadata(model_dir))
+        fresh = not args.int8  # plain runs always re-export; --int8 reuses a valid export
+    except ArtifactError:
+        fresh = True
+    if fresh:
+        info = export_onnx(model_dir, opset=args.opset)
+        print(f"wrote {model_dir / ONNX_FILE} sha256={info['sha256']}")
+        print(f"parity vs Keras: {info['parity']}")
+    if args.int8:
+        from ml.training.int8 import export_int8
+        from ml.training.quantize import Recipe
+
+        recipe = Recipe(calibration_images=args.calibration_images, percentile=args.percentile,
+                        equalise_alpha=args.equalise, keep_fp32=tuple(args.keep_fp32))
+        ood = args.ood or args.manifest.resolve().parent.parent / "ood"
+        info = export_int8(model_dir, args.manifest, args.split, ood, recipe)
+        parity, serving = info["parity"], info["serving"]
+        print(f"wrote {model_dir / info['file']} sha256={info['sha256']}")
+        print(f"int8 parity vs float32 on {parity['images']} validation images: "
+              + ", ".join(f"{k}={parity[k]}" for k in ("auroc_change", "label_agreement",
+                                                       "abs_delta_p99", "cam_correlation_p01")))
+        if parity["passed"]:
+            print("passed: serves as the same model (INFERENCE_BACKEND=auto picks it on VNNI/AMX CPUs)")
+        else:
+            print(f"missed {parity['missed']}: a model of its own, {serving['model_version']} at "
+                  f"threshold {serving['threshold']:.4f}; only INFERENCE_BACKEND=onnx-int8 serves it")
     return 0
 
 

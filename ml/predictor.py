@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 
 from ml.artifact import ArtifactError, ModelMetadata, load_weight_arrays, read_metadata
-from ml.backends import Backend, KerasBackend, OnnxBackend, resolve_backend
+from ml.backends import (
+    Backend,
+    KerasBackend,
+    OnnxBackend,
+    check_int8_gate,
+    resolve_backend,
+    serving_terms,
+)
 from ml.gate import GATE_FILE, Gate, image_statistics
 from ml.overlay import normalise_maps, overlay_png
 from ml.preprocess import preprocess_batch
@@ -51,10 +58,25 @@ class Prediction:
 class Predictor:
     """A loaded model artifact; build it with Predictor.load(model_dir, backend=...)."""
 
-    def __init__(self, metadata: ModelMetadata, backend: Backend, gate: Gate | None = None) -> None:
+    def __init__(self, metadata: ModelMetadata, backend: Backend, gate: Gate | None = None,
+                 threshold: float | None = None, model_version: str | None = None) -> None:
         self.metadata = metadata
         self.backend = backend
         self.gate = gate
+        # What each prediction is labelled with and recorded as: the artifact's, except for an
+        # int8 variant that failed parity, which serves as a model of its own (ml/backends.py).
+        self._threshold = threshold
+        self._model_version = model_version
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold predictions are labelled with."""
+        return self.metadata.threshold if self._threshold is None else self._threshold
+
+    @property
+    def model_version(self) -> str:
+        """The version predictions are recorded under."""
+        return self._model_version or self.metadata.model_version
 
     @property
     def model(self) -> Any:
@@ -63,7 +85,7 @@ class Predictor:
 
     @classmethod
     def load(cls, model_dir: str | Path, backend: str = "keras", require_gate: bool = False) -> Predictor:
-        """Read, verify and load the model in model_dir; backend is keras, onnx or auto.
+        """Read, verify and load the model in model_dir; backend is keras, onnx, onnx-int8 or auto.
 
         require_gate=True refuses an artifact without an input gate (the service does);
         otherwise such a model answers every image and says so (gate_version None).
@@ -79,14 +101,23 @@ class Predictor:
                     f"fit one with python -m ml.training.gate --model {model_dir}")
             log.warning("event=model_without_gate dir=%s: every image will be answered", model_dir)
         name = resolve_backend(backend, model_dir, meta)
-        if name == "onnx":
-            engine: Backend = OnnxBackend.load(model_dir, meta)
-            if gate is not None and not engine.has_features:
+        own: tuple[float, str] | None = None
+        if name in ("onnx", "onnx-int8"):
+            onnx_engine = OnnxBackend.load(model_dir, meta, int8=name == "onnx-int8")
+            if gate is not None and not onnx_engine.has_features:
                 raise ArtifactError("invalid_model", "the ONNX export has no features output for "
                                     f"the input gate; re-run python -m ml.export {model_dir}")
+            threshold, version = serving_terms(meta, onnx_engine.info or {})
+            if name == "onnx-int8" and gate is not None:
+                check_int8_gate(onnx_engine.info or {}, gate, model_dir)
+            if version != meta.model_version:
+                own = (threshold, version)
+                log.warning("event=int8_own_model version=%s threshold=%.4f: its parity with "
+                            "float32 failed, so it serves under its own version", version, threshold)
+            engine: Backend = onnx_engine
         else:
             engine = KerasBackend.load(meta, load_weight_arrays(model_dir, meta))
-        predictor = cls(meta, engine, gate)
+        predictor = cls(meta, engine, gate, *(own or (None, None)))
         # Trace/initialise now so the first real request does not pay for it.
         predictor.backend.run(
             preprocess_batch(
@@ -124,6 +155,7 @@ class Predictor:
     ) -> list[Prediction]:
         """Classify an already preprocessed batch; images are the originals (for overlays and the gate)."""
         meta = self.metadata
+        threshold = self.threshold
         start = time.perf_counter()
         out = self.backend.forward(batch, explain=explain)
         probabilities, cams = out.probability, out.cam
@@ -146,9 +178,9 @@ class Predictor:
             Prediction(
                 probability_covid=float(p),
                 label=INDETERMINATE if v is not None and v.reason
-                else "covid" if float(p) >= meta.threshold else "non-covid",
-                threshold=meta.threshold,
-                model_version=meta.model_version,
+                else "covid" if float(p) >= threshold else "non-covid",
+                threshold=threshold,
+                model_version=self.model_version,
                 model_sha256=meta.weights_sha256,
                 preprocess_version=meta.preprocess_version,
                 inference_ms=per_image_ms,
