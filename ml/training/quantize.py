@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
 # Op types quantised: Relu and the stem's Pad/MaxPool only fuse into the int8 convolutions
 # around them. Not Squeeze/Reshape/Transpose: on this graph they carry `features` and the
 # CAM, which must stay float32 (quantising them cost the gate's features 8-bit resolution).
