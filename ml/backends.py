@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,13 +158,20 @@ class OnnxBackend:
     info: dict[str, Any] | None = None  # the export's json (parity, serving threshold)
 
     @classmethod
-    def load(cls, model_dir: Path, meta: ModelMetadata, int8: bool = False) -> OnnxBackend:
-        """Open the export (int8: its quantised variant) after checking it was made from these weights."""
+    def load(cls, model_dir: Path, meta: ModelMetadata, int8: bool = False,
+             threads: int | None = None) -> OnnxBackend:
+        """Open the export (int8: its quantised variant) after checking it was made from these weights.
+
+        threads: CPU threads one run may use (default: ONNX Runtime's, one per core). A worker
+        that runs several batches at once gives each its share (Predictor.load's lanes).
+        """
         info = read_onnx_info(model_dir, meta, INT8_INFO_FILE if int8 else ONNX_INFO_FILE)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = max(1, threads)
         session = ort.InferenceSession(
             str(model_dir / info["file"]), options, providers=["CPUExecutionProvider"]
         )
@@ -252,6 +260,14 @@ def check_int8_gate(info: dict[str, Any], gate: Any, model_dir: str | Path) -> N
         raise ArtifactError("int8_changes_gate", f"on int8 features the input gate changes "
                             f"{measured.get('changed')} of its {measured.get('images')} validation "
                             "decisions; serve this model in float32 (INFERENCE_BACKEND=onnx or auto)")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers set), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def gpu_visible() -> bool:

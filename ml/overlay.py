@@ -21,6 +21,27 @@ def normalise_maps(cam: np.ndarray) -> np.ndarray:
     return np.clip(normalised, 0.0, 1.0).astype(np.float32)
 
 
+def encode_cam(cam: np.ndarray) -> bytes:
+    """A normalised 2-D CAM as bytes to store (.npy, float32): a few hundred bytes per image."""
+    cam = np.asarray(cam, dtype=np.float32)
+    if cam.ndim != 2 or cam.size == 0:
+        raise ValueError(f"expected a non-empty 2-D map, got shape {cam.shape}")
+    buf = io.BytesIO()
+    np.save(buf, cam, allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_cam(data: bytes) -> np.ndarray:
+    """The map encode_cam stored; raises ValueError on anything else."""
+    try:
+        cam = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, EOFError) as exc:  # numpy's own errors for a bad header or a short file
+        raise ValueError(f"not a stored CAM: {exc}") from exc
+    if not isinstance(cam, np.ndarray) or cam.ndim != 2 or cam.dtype != np.float32:
+        raise ValueError("not a stored CAM: expected a 2-D float32 array")
+    return cam
+
+
 def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a 2-D float array to (width, height) with Pillow bilinear."""
     image = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F")

@@ -16,9 +16,11 @@ from ml.backends import (
     Backend,
     KerasBackend,
     OnnxBackend,
+    Outputs,
     check_int8_gate,
     resolve_backend,
     serving_terms,
+    usable_cpus,
 )
 from ml.gate import GATE_FILE, Gate, image_statistics
 from ml.overlay import normalise_maps, overlay_png
@@ -53,16 +55,19 @@ class Prediction:
     gate_version: str | None = None  # None: the artifact has no input gate
     gate_frontal_probability: float | None = None
     gate_distance: float | None = None
+    cam: np.ndarray | None = None  # (h, w) in [0, 1], peak 1: the heatmap before it is drawn
 
 
 class Predictor:
     """A loaded model artifact; build it with Predictor.load(model_dir, backend=...)."""
 
     def __init__(self, metadata: ModelMetadata, backend: Backend, gate: Gate | None = None,
-                 threshold: float | None = None, model_version: str | None = None) -> None:
+                 threshold: float | None = None, model_version: str | None = None,
+                 lanes: int = 1) -> None:
         self.metadata = metadata
         self.backend = backend
         self.gate = gate
+        self.lanes = lanes  # batches that may run at once (worker.batching runs one thread per lane)
         # What each prediction is labelled with and recorded as: the artifact's, except for an
         # int8 variant that failed parity, which serves as a model of its own (ml/backends.py).
         self._threshold = threshold
@@ -84,11 +89,16 @@ class Predictor:
         return getattr(self.backend, "model", None)
 
     @classmethod
-    def load(cls, model_dir: str | Path, backend: str = "keras", require_gate: bool = False) -> Predictor:
+    def load(cls, model_dir: str | Path, backend: str = "keras", require_gate: bool = False,
+             lanes: int = 1) -> Predictor:
         """Read, verify and load the model in model_dir; backend is keras, onnx, onnx-int8 or auto.
 
         require_gate=True refuses an artifact without an input gate (the service does);
         otherwise such a model answers every image and says so (gate_version None).
+        lanes > 1 (ONNX Runtime only): that many batches may run at once, each with
+        CPUs // lanes threads. On a CPU shared with decoding and database work, independent
+        single-threaded runs lose far less to preemption than one run whose threads wait for
+        each other (docs/benchmarks.md, drain). Keras keeps one lane and its own thread pools.
         Raises ArtifactError.
         """
         model_dir = Path(model_dir)
@@ -103,7 +113,8 @@ class Predictor:
         name = resolve_backend(backend, model_dir, meta)
         own: tuple[float, str] | None = None
         if name in ("onnx", "onnx-int8"):
-            onnx_engine = OnnxBackend.load(model_dir, meta, int8=name == "onnx-int8")
+            threads = max(1, usable_cpus() // lanes) if lanes > 1 else None
+            onnx_engine = OnnxBackend.load(model_dir, meta, int8=name == "onnx-int8", threads=threads)
             if gate is not None and not onnx_engine.has_features:
                 raise ArtifactError("invalid_model", "the ONNX export has no features output for "
                                     f"the input gate; re-run python -m ml.export {model_dir}")
@@ -117,7 +128,8 @@ class Predictor:
             engine: Backend = onnx_engine
         else:
             engine = KerasBackend.load(meta, load_weight_arrays(model_dir, meta))
-        predictor = cls(meta, engine, gate, *(own or (None, None)))
+            lanes = 1
+        predictor = cls(meta, engine, gate, *(own or (None, None)), lanes=max(1, lanes))
         # Trace/initialise now so the first real request does not pay for it.
         predictor.backend.run(
             preprocess_batch(
@@ -154,24 +166,34 @@ class Predictor:
         attributes: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[Prediction]:
         """Classify an already preprocessed batch; images are the originals (for overlays and the gate)."""
-        meta = self.metadata
-        threshold = self.threshold
         start = time.perf_counter()
         out = self.backend.forward(batch, explain=explain)
-        probabilities, cams = out.probability, out.cam
         per_image_ms = (time.perf_counter() - start) * 1000.0 / len(images)
+        return self.finish(out, images, per_image_ms, attributes, overlays=explain)
+
+    def finish(
+        self, out: Outputs, images: Sequence[np.ndarray], inference_ms: float,
+        attributes: Sequence[Mapping[str, Any] | None] | None = None, overlays: bool = True,
+    ) -> list[Prediction]:
+        """Predictions from one forward pass's outputs: the input gate, labels, heatmaps.
+
+        Each Prediction carries its normalised CAM when the pass computed one; overlays=True
+        also renders it over the image as PNG (the worker leaves that to whoever shows it).
+        """
+        meta = self.metadata
+        threshold = self.threshold
         attrs = list(attributes) if attributes is not None else [None] * len(images)
         verdicts: list[Any] = [None] * len(images)
         if self.gate is not None:
             stats = np.stack([image_statistics(i, a) for i, a in zip(images, attrs, strict=True)])
             verdicts = self.gate.assess(out.features, stats, attrs)
-
-        overlays: list[bytes | None] = [None] * len(images)
-        if explain and cams is not None:
-            heatmaps = normalise_maps(cams)
-            overlays = [
-                overlay_png(image, heatmap) for image, heatmap in zip(images, heatmaps, strict=True)
-            ]
+        heatmaps: list[np.ndarray | None] = [None] * len(images)
+        if out.cam is not None:
+            heatmaps = list(normalise_maps(out.cam))
+        pngs = [
+            overlay_png(image, heatmap) if overlays and heatmap is not None else None
+            for image, heatmap in zip(images, heatmaps, strict=True)
+        ]
         # Compare as Python floats: under NumPy 2 promotion, float32 >= float would round the
         # threshold to float32 and could disagree with the probability we report.
         return [
@@ -183,14 +205,15 @@ class Predictor:
                 model_version=self.model_version,
                 model_sha256=meta.weights_sha256,
                 preprocess_version=meta.preprocess_version,
-                inference_ms=per_image_ms,
+                inference_ms=inference_ms,
                 trained=meta.trained,
                 heatmap_png=None if v is not None and v.reason else png,
+                cam=None if v is not None and v.reason else cam,
                 backend=self.backend.name,
                 abstain_reason=v.reason if v is not None else None,
                 gate_version=v.gate_version if v is not None else None,
                 gate_frontal_probability=v.frontal_probability if v is not None else None,
                 gate_distance=v.distance if v is not None else None,
             )
-            for p, png, v in zip(probabilities, overlays, verdicts, strict=True)
+            for p, png, cam, v in zip(out.probability, pngs, heatmaps, verdicts, strict=True)
         ]

@@ -201,7 +201,7 @@ def main() -> int:
                 print("ONNX export failed; the worker will serve the Keras model instead.", flush=True)
         for service in (
             Service("worker", [*celery, "worker", "--loglevel=INFO", "--pool=threads",
-                               "--concurrency=4", "--hostname=local@%h"], env),
+                               "--concurrency=8", "--hostname=local@%h"], env),
             Service("beat", [*celery, "beat", "--loglevel=INFO",
                              f"--schedule={INSTANCE / 'celerybeat-schedule'}"], env),
             # The DICOM storage listener, only when DICOM_LISTENER=1 (docs/operations.md).

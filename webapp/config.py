@@ -53,6 +53,7 @@ ENV_VARS: dict[str, str] = {
     "INFERENCE_BACKEND": "auto | onnx | onnx-int8 | keras; auto = Keras where a GPU is visible, else ONNX Runtime int8 where the CPU has VNNI/AMX and the artifact's int8 variant passed parity, else ONNX Runtime float32 if exported, else Keras; default auto",
     "BATCH_MAX_SIZE": "most images one worker process runs through the model at once; default 16",
     "BATCH_MAX_WAIT_MS": "longest a ready image waits for others already being decoded; default 15",
+    "INFERENCE_LANES": "batches one worker process runs at once on ONNX Runtime, each on its own share of the CPUs (CPUs / lanes threads); 0 = one lane per CPU; default 0. Keras runs one",
     "VISIBILITY_TIMEOUT_S": "seconds before Redis re-offers a message taken by a worker that has not acknowledged it (one that died before claiming its study); a study whose worker still beats is not taken over; default 60",
     "LOG_LEVEL": "logging level; default INFO",
     "SESSION_COOKIE_SECURE": "send the session cookie over HTTPS only (1/0; browsers treat 127.0.0.1 and localhost as secure); default 1",
@@ -77,6 +78,12 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _non_negative(value: int, name: str) -> int:
+    if value < 0:
+        raise ValueError(f"{name} must be 0 or more, got {value}")
+    return value
 
 
 def _flag(env: dict[str, str], name: str, default: bool) -> bool:
@@ -194,6 +201,7 @@ class Settings:
     inference_backend: str = "auto"
     batch_max_size: int = 16
     batch_max_wait_ms: int = 15
+    inference_lanes: int = 0
     visibility_timeout_s: int = 60
     log_level: str = "INFO"
     session_cookie_secure: bool = True
@@ -251,6 +259,7 @@ class Settings:
             inference_backend=_choice(env, "INFERENCE_BACKEND", ("auto", "onnx", "onnx-int8", "keras"), "auto"),
             batch_max_size=_int(env, "BATCH_MAX_SIZE", 16),
             batch_max_wait_ms=_int(env, "BATCH_MAX_WAIT_MS", 15),
+            inference_lanes=_non_negative(_int(env, "INFERENCE_LANES", 0), "INFERENCE_LANES"),
             visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT_S", 60),
             log_level=(env.get("LOG_LEVEL") or "INFO").upper(),
             session_cookie_secure=_flag(env, "SESSION_COOKIE_SECURE", True),
@@ -295,6 +304,7 @@ class Settings:
             "INFERENCE_BACKEND": self.inference_backend,
             "BATCH_MAX_SIZE": self.batch_max_size,
             "BATCH_MAX_WAIT_MS": self.batch_max_wait_ms,
+            "INFERENCE_LANES": self.inference_lanes,
             "LOG_LEVEL": self.log_level,
             "SESSION_COOKIE_SECURE": self.session_cookie_secure,
             "SESSION_COOKIE_HTTPONLY": True,
@@ -336,7 +346,9 @@ class Settings:
                     "unacked_restore_interval": 5,
                     "unacked_restore_throttle": 1,
                 },
-                "worker_send_task_events": True,
+                # No task events: nothing here consumes them, and each study would publish
+                # three (received, started, succeeded). `celery worker -E` turns them on for Flower.
+                "worker_send_task_events": False,
                 "beat_schedule": {
                     "requeue-stale-studies": {
                         "task": "worker.tasks.requeue_stale_studies",

@@ -205,6 +205,9 @@ class Prediction(db.Model):
     gate_version: Mapped[str | None] = mapped_column(String(64))
     gate_frontal_probability: Mapped[float | None] = mapped_column(Float)
     gate_distance: Mapped[float | None] = mapped_column(Float)
+    # The worker stores the normalised Grad-CAM map (ml.overlay.encode_cam, a few hundred bytes);
+    # the overlay PNG is drawn from it and the image on first request and kept (webapp/media/heatmaps.py).
+    heatmap_cam: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     heatmap_png: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -2,8 +2,10 @@
 
 Task threads (Celery's threads pool) each decode and preprocess their own
 study, then hand the model input to the one Batcher thread, which runs
-whatever has arrived as one batch. Preprocessing therefore overlaps inference,
-and under load the model sees full batches. The batcher waits for more input
+whatever has arrived as one batch and does nothing else: the input gate,
+labels and heatmaps are made back in each task's own thread, while the next
+batch already runs. Decoding, preprocessing and that finishing work therefore
+overlap inference, and under load the model sees full batches. The batcher waits for more input
 only while other studies are known to be on their way (announced and still
 decoding), and never longer than max_wait: a lone study runs at once.
 """
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ml.backends import Outputs
 from ml.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,8 @@ class _Request:
     explain: bool
     attributes: Sequence[Mapping[str, Any] | None] | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    result: list[Prediction] | None = None
+    result: Outputs | None = None
+    inference_ms: float = 0.0
     error: BaseException | None = None
 
 
@@ -45,7 +49,11 @@ class Ticket:
     def submit(self, batch: np.ndarray, images: Sequence[np.ndarray], explain: bool,
                timeout: float | None = None,
                attributes: Sequence[Mapping[str, Any] | None] | None = None) -> list[Prediction]:
-        """Queue the preprocessed batch and wait for its predictions (attributes: per image, for the gate)."""
+        """Queue the preprocessed batch and wait for its predictions (attributes: per image, for the gate).
+
+        Heatmaps come back as normalised CAMs (Prediction.cam), not drawn: drawing them is
+        left to whoever shows them (webapp/media/heatmaps.py).
+        """
         request = _Request(batch, images, explain, attributes)
         self._batcher._enqueue(request, ticket=self)
         if not request.done.wait(timeout):
@@ -53,7 +61,8 @@ class Ticket:
         if request.error is not None:
             raise request.error
         assert request.result is not None
-        return request.result
+        return self._batcher.predictor.finish(request.result, images, request.inference_ms,
+                                              attributes, overlays=False)
 
     def cancel(self) -> None:
         """Stop the batcher waiting for this study (no-op after submit)."""
@@ -78,8 +87,11 @@ class Batcher:
         self._incoming = 0
         self.batches_run = 0
         self.images_run = 0
-        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-        self._thread.start()
+        # One thread per lane: with several, a batch runs while the next one forms and starts.
+        self._threads = [threading.Thread(target=self._loop, name=f"batcher-{lane}", daemon=True)
+                         for lane in range(max(1, predictor.lanes))]
+        for thread in self._threads:
+            thread.start()
 
     def announce(self) -> Ticket:
         """Say a study is being decoded, so a forming batch may wait for it."""
@@ -122,19 +134,21 @@ class Batcher:
         while True:
             requests = self._take()
             try:
+                explain = any(r.explain for r in requests)
                 batch = np.concatenate([r.batch for r in requests])
-                images = [image for r in requests for image in r.images]
-                attributes = [a for r in requests
-                              for a in (r.attributes or [None] * len(r.images))]
-                results = self.predictor.predict_batch(batch, images,
-                                                       explain=any(r.explain for r in requests),
-                                                       attributes=attributes)
-                start = 0
+                start = time.perf_counter()
+                out = self.predictor.backend.forward(batch, explain=explain)
+                per_image_ms = (time.perf_counter() - start) * 1000.0 / len(batch)
+                first = 0
                 for r in requests:
-                    r.result = results[start:start + len(r.images)]
-                    start += len(r.images)
-                self.batches_run += 1
-                self.images_run += len(images)
+                    part = slice(first, first + len(r.batch))
+                    r.result = Outputs(out.probability[part], out.features[part],
+                                       out.cam[part] if out.cam is not None and r.explain else None)
+                    r.inference_ms = per_image_ms
+                    first = part.stop
+                with self._cond:
+                    self.batches_run += 1
+                    self.images_run += len(batch)
             except BaseException as exc:  # hand the error to every waiting study
                 log.exception("event=batch_failed size=%d", len(requests))
                 for r in requests:

@@ -29,7 +29,7 @@ def _preload() -> None:
     config = flask_app.config
     try:
         get_batcher(config["MODEL_DIR"], config["INFERENCE_BACKEND"], config["BATCH_MAX_SIZE"],
-                    config["BATCH_MAX_WAIT_MS"]).predictor.warm_up(explain=config["GRADCAM"])
+                    config["BATCH_MAX_WAIT_MS"], config["INFERENCE_LANES"]).predictor.warm_up(explain=config["GRADCAM"])
     except ArtifactError as exc:
         log.warning("event=model_unavailable code=%s message=%s", exc.code, exc.message)
 

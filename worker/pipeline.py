@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ml.artifact import ArtifactError
 from ml.imaging import ImageError, Limits, decode_image
+from ml.overlay import encode_cam
 from webapp import jobs
 from webapp.extensions import db
 from webapp.models import Image, Prediction
@@ -85,7 +86,8 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> str:
             return _fail(token, "no_images", "the study has no images")
         try:
             batcher = get_batcher(config["MODEL_DIR"], config["INFERENCE_BACKEND"],
-                                  config["BATCH_MAX_SIZE"], config["BATCH_MAX_WAIT_MS"])
+                                  config["BATCH_MAX_SIZE"], config["BATCH_MAX_WAIT_MS"],
+                                  config["INFERENCE_LANES"])
         except ArtifactError as exc:
             message = "no model installed" if exc.code == "no_model" else exc.message
             return _fail(token, exc.code, message)
@@ -116,7 +118,7 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> str:
                 preprocess_version=r.preprocess_version,
                 inference_ms=r.inference_ms,
                 backend=r.backend,
-                heatmap_png=r.heatmap_png,
+                heatmap_cam=None if r.cam is None else encode_cam(r.cam),
                 abstain_reason=r.abstain_reason,
                 gate_version=r.gate_version,
                 gate_frontal_probability=r.gate_frontal_probability,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml.overlay import overlay_png
+from ml.overlay import decode_cam, encode_cam, overlay_png
 
 
 def _decode(png: bytes) -> Image.Image:
@@ -52,3 +52,16 @@ def test_overlay_compression_level_changes_bytes_not_pixels() -> None:
     fast, small = overlay_png(pixels, heat), overlay_png(pixels, heat, compress_level=9)
     assert PNG_COMPRESS_LEVEL == 1 and fast != small
     np.testing.assert_array_equal(np.asarray(_decode(fast)), np.asarray(_decode(small)))
+
+
+def test_cam_bytes_round_trip_and_refuse_anything_else() -> None:
+    cam = np.random.default_rng(0).random((7, 7)).astype(np.float32)
+    data = encode_cam(cam)
+    assert len(data) < 512 and np.array_equal(decode_cam(data), cam)
+    with pytest.raises(ValueError):
+        encode_cam(np.zeros((2, 3, 4), np.float32))
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for bad in (b"", b"not a map", pickled.getvalue(), encode_cam(cam)[:-8]):
+        with pytest.raises(ValueError):
+            decode_cam(bad)

@@ -8,7 +8,10 @@ import time
 import numpy as np
 import pytest
 
+from ml.backends import usable_cpus
+from ml.imaging import decode_image
 from ml.predictor import Predictor
+from tests.conftest import fixture_bytes
 from worker.batching import Batcher
 from worker.isolation import Isolation
 
@@ -120,3 +123,75 @@ def test_suspects_run_alone():
     for t in threads:
         t.join(10)
     assert log == ["ordinary-start", "ordinary-end", "suspect", "late"]
+
+
+class _Recording:
+    """The real engine, each run held open a little and watched: how many ran at once, from where."""
+
+    def __init__(self, engine, hold_s: float = 0.3) -> None:
+        self.engine, self.hold_s = engine, hold_s
+        self.name = engine.name
+        self.running = self.most = 0
+        self.threads: set[str] = set()
+        self._lock = threading.Lock()
+
+    def forward(self, batch, explain):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.threads.add(threading.current_thread().name)
+        try:
+            time.sleep(self.hold_s)
+            return self.engine.forward(batch, explain)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_lanes_run_that_many_batches_at_once_and_finish_in_the_studies_threads(
+        tiny_onnx_model_dir, lanes):
+    onnx = Predictor.load(tiny_onnx_model_dir, backend="onnx", lanes=lanes)
+    assert onnx.lanes == lanes
+    threads = onnx.backend.session.get_session_options().intra_op_num_threads
+    assert threads == (0 if lanes == 1 else max(1, usable_cpus() // lanes))  # 0: ONNX Runtime's own
+    engine = _Recording(onnx.backend)
+    onnx.backend = engine
+    finished_in: list[str] = []
+    real_finish = onnx.finish
+    onnx.finish = lambda *a, **k: finished_in.append(threading.current_thread().name) or real_finish(*a, **k)
+    batcher = Batcher(onnx, max_size=1, max_wait_ms=0)
+    xray = decode_image(fixture_bytes("cxnet__681.png")).pixels  # a frontal X-ray: the gate answers it
+    images = [[xray[i:]] for i in range(4)]
+    results: dict[int, list] = {}
+
+    def study(i: int) -> None:
+        with batcher.announce() as ticket:
+            results[i] = ticket.submit(onnx.preprocess(images[i]), images[i], explain=True, timeout=30)
+
+    workers = [threading.Thread(target=study, args=(i,), name=f"study-{i}") for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(30)
+    assert engine.most == lanes and batcher.batches_run == 4
+    assert engine.threads <= {f"batcher-{lane}" for lane in range(lanes)}
+    # The gate, labels and CAMs are made in each study's own thread, never in a lane.
+    assert sorted(finished_in) == [f"study-{i}" for i in range(4)]
+    for i in range(4):
+        [r] = results[i]
+        assert r.abstain_reason is None and r.cam is not None and r.cam.ndim == 2 and r.cam.max() <= 1.0 and r.heatmap_png is None
+
+
+def test_keras_keeps_one_lane(predictor, tiny_model_dir):
+    assert Predictor.load(tiny_model_dir, backend="keras", lanes=4).lanes == 1
+
+
+def test_inference_lanes_setting() -> None:
+    from webapp.config import Settings
+
+    assert Settings.from_env({"SECRET_KEY": "k"}).to_flask()["INFERENCE_LANES"] == 0  # one per CPU
+    assert Settings.from_env({"SECRET_KEY": "k", "INFERENCE_LANES": "2"}).to_flask()["INFERENCE_LANES"] == 2
+    for bad in ("-1", "two"):
+        with pytest.raises(ValueError, match="INFERENCE_LANES"):
+            Settings.from_env({"SECRET_KEY": "k", "INFERENCE_LANES": bad})

@@ -30,7 +30,7 @@ with app.app_context():
     from worker import pipeline
     assert pipeline.run_study(study.id) == "succeeded"
     [row] = db.session.query(Prediction).all()
-    assert row.backend == "onnx" and row.heatmap_png, row.backend
+    assert row.backend == "onnx" and row.heatmap_cam and row.heatmap_png is None, row.backend
 print("LOADED", sorted(m for m in ("tensorflow", "keras", "tf2onnx") if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

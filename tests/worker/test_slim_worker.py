@@ -89,7 +89,7 @@ with app.app_context():
     from worker import pipeline
     assert pipeline.run_study(study.id) == "succeeded"
     [row] = db.session.query(Prediction).all()
-    print("RESULT", row.backend, row.model_version, repr(row.probability_covid), bool(row.heatmap_png))
+    print("RESULT", row.backend, row.model_version, repr(row.probability_covid), bool(row.heatmap_cam))
 """
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240

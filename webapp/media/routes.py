@@ -6,6 +6,8 @@ from flask import Blueprint, Response, abort
 
 from ml.imaging import ImageError, Limits, decode_image, to_display_png
 from webapp import audit
+from webapp.extensions import db
+from webapp.media.heatmaps import overlay_for
 from webapp.studies import get_image_or_404
 
 bp = Blueprint("media", __name__, url_prefix="/studies/<study_id>/images/<int:image_id>")
@@ -44,8 +46,9 @@ def preview(study_id: str, image_id: int) -> Response:
 
 @bp.get("/heatmap.png")
 def heatmap(study_id: str, image_id: int) -> Response:
-    """The Grad-CAM overlay, once the worker has made one."""
+    """The Grad-CAM overlay, drawn on first request from the map the worker stored."""
     image = get_image_or_404(study_id, image_id)
-    if image.prediction is None or image.prediction.heatmap_png is None:
+    png = overlay_for(db.session, image.id)
+    if png is None:
         abort(404, description="no heatmap for this image (yet)")
-    return _private(Response(image.prediction.heatmap_png, mimetype="image/png"))
+    return _private(Response(png, mimetype="image/png"))

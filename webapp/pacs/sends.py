@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from webapp.broker import celery_app
 from webapp.extensions import db
 from webapp.jobs import FINISHED, StudyStatus
+from webapp.media.heatmaps import overlay_for
 from webapp.models import Image, Prediction, Study, utcnow
 from webapp.pacs import reports, transport, where
 from webapp.pacs.models import DicomOrigin, PacsSend
@@ -217,7 +218,7 @@ def results_for(session: Session, study_id: str) -> reports.StudyResults | None:
             threshold=p.threshold,
             abstain_reason=p.abstain_reason,
             abstain_message=abstain_message(p.abstain_reason),
-            heatmap_png=None if p.abstain_reason is not None else p.heatmap_png,
+            heatmap_png=overlay_for(session, p.image_id),
             model_version=p.model_version,
             model_sha256=p.model_sha256,
             model_trained=p.model_trained,
