@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="onnx", choices=["onnx", "keras"])
     parser.add_argument("--components", type=int, default=64)
     parser.add_argument("--C", type=float, default=0.1, dest="c")
+    parser.add_argument("--min-per-source", type=int, default=0,
+                        help="training radiographs each source gives at least (default: 25%% of all)")
     parser.add_argument("--quick", action="store_true",
                         help="development/test models: fit on a small set in a minute, no report")
     args = parser.parse_args(argv)
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     meta = read_metadata(args.model)
     cache = args.cache or Path("bench/out") / f"gate-{meta.model_version}.npz"
-    samples = all_samples(args.model, args.cxr, args.ood, keep_sources=TRAIN_ONLY_SOURCES)
+    samples = all_samples(args.model, args.cxr, args.ood, keep_sources=TRAIN_ONLY_SOURCES,
+                          min_per_source=args.min_per_source)
     data = extract(samples, args.model, cache, backend=args.backend)
     gate, info = fit_gate(args.model, samples, data, args.components, args.c)
     report = write_report(args.report, gate, samples, data, [gate_split(s) for s in samples])

@@ -244,13 +244,24 @@ def _badly_exposed(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def all_samples(model_dir: Path, cxr_dir: Path, ood_dir: Path, scale: int = 1,
-                train_fraction: float = 0.25, keep_sources: Sequence[str] = ()) -> list[Sample]:
+                train_fraction: float = 0.25, keep_sources: Sequence[str] = (),
+                min_per_source: int = 0) -> list[Sample]:
     """Every sample of every kind; scale multiplies the synthetic counts. Of the model's training
     radiographs train_fraction is used (all of them measured slightly worse on validation:
-    photographs 100% -> 94% abstained, hannover-mhh 9% -> 11%), except those of keep_sources."""
-    frontal = [s for s in frontal_samples(model_dir, cxr_dir)
+    photographs 100% -> 94% abstained, hannover-mhh 9% -> 11%), except those of keep_sources;
+    each other source then gives at least min_per_source of them (or all it has), chosen by hash."""
+    every = frontal_samples(model_dir, cxr_dir)
+    frontal = [s for s in every
                if s.split != "train" or (s.source in keep_sources and split_of(s.key) == "test")
                or split_of(f"fit:{s.key}", val=0.0, test=train_fraction) == "test"]
+    if min_per_source:
+        chosen = {s.key for s in frontal}
+        for source in sorted({s.source for s in every} - set(keep_sources)):
+            have = sum(s.source == source and s.split == "train" for s in frontal)
+            more = sorted((s for s in every if s.source == source and s.split == "train"
+                           and s.key not in chosen),
+                          key=lambda s: hashlib.sha256(f"more:{s.key}".encode()).hexdigest())
+            frontal += more[:max(0, min_per_source - have)]
     return (
         frontal + ood_samples(ood_dir)
         + _picture_samples("photo", PHOTO_BASES, 12 * scale)
