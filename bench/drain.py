@@ -31,13 +31,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack import BIN, ROOT, BenchStack, real_xrays  # noqa: E402
+from record import machine, record  # noqa: E402
+from stack import BIN, BenchStack, real_xrays  # noqa: E402
 
-from ml.backends import cpu_flags, usable_cpus  # noqa: E402
+from ml.backends import usable_cpus  # noqa: E402
 from ml.imaging import decode_image  # noqa: E402
 from ml.predictor import Predictor  # noqa: E402
-
-FLAGS_SHOWN = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def model_only(predictor: Predictor, batch: np.ndarray, explain: bool, seconds: float) -> float:
@@ -189,7 +188,6 @@ def main() -> None:
     model_dir = args.model_dir.resolve()
     files = real_xrays(args.n)
     pixels = [decode_image(p.read_bytes()).pixels for p in files[: args.batch]]
-    flags = cpu_flags()
     results = []
     for backend in args.backends:
         predictor = Predictor.load(model_dir, backend=backend, lanes=args.lanes or usable_cpus())
@@ -206,23 +204,13 @@ def main() -> None:
                 f"({before:.2f}, {after:.2f}) ratio {d['rate'] / bare:.3f}",
                 flush=True,
             )
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        ),
-        "?",
-    )
     lines = [
         f"\n### {datetime.now(UTC):%Y-%m-%d} drain, model `{model_dir.name}`, batch {args.batch}, "
         f"{args.n} studies, one worker ({results[0][6]} lanes, threads x"
         f"{args.concurrency or 2 * args.batch * results[0][6]}), "
         "SQLite\n",
         f"`python {' '.join(sys.argv)}`\n",
-        f"CPU: {cpu}, {os.cpu_count()} cores, flags: "
-        f"{' '.join(f for f in FLAGS_SHOWN if f in flags) or 'none of ' + ', '.join(FLAGS_SHOWN)}; "
-        f"load average after: {os.getloadavg()[0]:.1f}\n",
+        f"{machine()}; load average after: {os.getloadavg()[0]:.1f}\n",
         "| backend | heatmaps | model-only images/s (before, after) | drain studies/s | drain / model-only |",
         "|---|---|---|---|---|",
         *[
@@ -237,9 +225,7 @@ def main() -> None:
                 *hot_functions(raw),
             ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write(text)
+    record(text)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack import ROOT, BenchStack, percentile, real_xrays, timings  # noqa: E402
+from record import record  # noqa: E402
+from stack import BenchStack, percentile, real_xrays, timings  # noqa: E402
 
 from ml.imaging import decode_image  # noqa: E402
 from ml.overlay import normalise_maps, overlay_png  # noqa: E402
@@ -123,9 +124,7 @@ def main() -> None:
         lines.append(f"| saturation, {name}: end-to-end p50 / p95 / p99, queue wait p50 | "
                      f"{r['p50']:.2f} / {r['p95']:.2f} / {r['p99']:.2f} s, {r['wait_p50']:.2f} s |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write(text)
+    record(text)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import ROOT, record  # noqa: E402
 
 
 def timed(run, repeats: int) -> float:
@@ -79,9 +79,7 @@ def main() -> None:
             f"{Path(args.model_dir).resolve().name}, backend {predictor.backend.name}, "
             f"{predictor.gate.version}, radiographs enlarged to {args.side} px, "
             f"median of {args.repeats}.\n\n{header}\n" + "\n".join(lines) + "\n")
-    print(text)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as fh:
-        fh.write(text)
+    record(text)
 
 
 if __name__ == "__main__":

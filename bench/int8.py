@@ -27,14 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import ROOT, machine, record  # noqa: E402
 
-from ml.backends import INT8_INFO_FILE, cpu_flags  # noqa: E402
+from ml.backends import INT8_INFO_FILE  # noqa: E402
 from ml.gate import GATE_ARRAYS_FILE, GATE_FILE  # noqa: E402
 
 BACKENDS = ("onnx", "onnx-int8")
-FLAGS_SHOWN = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
 
 
 def throughput(predictors: dict, images: list[np.ndarray], batches: list[int], rounds: int,
@@ -150,14 +149,12 @@ def main() -> None:
     quality = test_split(args.model_dir, args.manifest, predictors)
     cold = {b: cold_start(plain, b, args.memory_batches) for b in BACKENDS}
     info = json.loads((args.model_dir / INT8_INFO_FILE).read_text())
-    flags = cpu_flags()
-    shown = " ".join(f for f in FLAGS_SHOWN if f in flags) or "none of " + " ".join(FLAGS_SHOWN)
 
     lines = [
         f"\n### {datetime.now(UTC):%Y-%m-%d} int8 against float32, ONNX Runtime, "
         f"model `{info['model_version']}`\n",
         f"`python {' '.join(sys.argv)}`\n",
-        f"{os.cpu_count()} cores; CPU flags: {shown}; load average "
+        f"{machine()}; load average "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after the throughput rounds "
         f"({args.rounds} rounds x {args.seconds:.0f} s per backend and batch, alternating; "
         "median).\n",
@@ -201,9 +198,7 @@ def main() -> None:
         lines.append(f"| {b} | {c['load_s']:.2f} | {c['rss_after_load_mb']} | "
                      f"{c['rss_samples_mb'][0]} / {c['rss_samples_mb'][-1]} | {c['peak_rss_mb']} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write(text)
+    record(text)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import record  # noqa: E402
 
 RESNET50_MACS_224 = 4.09e9
 
@@ -98,9 +98,7 @@ def main() -> None:
               "|---|---|---|---|---|---|\n")
     table = "".join(f"| {n} | {bs} | {ips:.1f} | {lat:.1f} | {roof:.0%} | {ips / onnx_best:.2f} |\n"
                     for n, bs, ips, lat, roof in rows)
-    print(header + table)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write(header + table)
+    record(header + table)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack import ROOT, BenchStack, real_xrays  # noqa: E402
+from record import record  # noqa: E402
+from stack import BenchStack, real_xrays  # noqa: E402
 
 
 def rss_mb(proc: psutil.Process) -> float:
@@ -64,9 +65,7 @@ def main() -> None:
             f"| RSS after warm-up ({args.n // 10} studies) | RSS at the end | change | peak |\n|---|---|---|---|\n"
             f"| {warm:.0f} MiB | {end:.0f} MiB | {(end - warm) / warm:+.1%} | {peak:.0f} MiB |\n"
             f"\nSamples (studies, MiB): {', '.join(f'{n}:{r:.0f}' for n, r in samples)}\n")
-    print(line)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write(line)
+    record(line)
 
 
 if __name__ == "__main__":
