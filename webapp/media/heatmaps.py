@@ -10,7 +10,7 @@ import logging
 
 from flask import current_app
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session, undefer
+from sqlalchemy.orm import Session
 
 from ml.imaging import ImageError, Limits, decode_image
 from ml.overlay import decode_cam, overlay_png
@@ -31,16 +31,10 @@ def overlay_for(session: Session, image_id: int) -> bytes | None:
         return None
     if row.heatmap_png is not None or row.heatmap_cam is None:
         return row.heatmap_png
-    image = session.execute(
-        select(Image).options(undefer(Image.data)).where(Image.id == image_id)
-    ).scalar_one()
+    data = session.execute(select(Image.data).where(Image.id == image_id)).scalar_one()
     try:
-        pixels = decode_image(
-            image.data,
-            Limits(
-                max_bytes=len(image.data) + 1, max_pixels=current_app.config["MAX_IMAGE_PIXELS"]
-            ),
-        ).pixels
+        limits = Limits(max_bytes=len(data) + 1, max_pixels=current_app.config["MAX_IMAGE_PIXELS"])
+        pixels = decode_image(data, limits).pixels
         png = overlay_png(pixels, decode_cam(row.heatmap_cam))
     except (ImageError, ValueError) as exc:  # the worker decoded this image; a stored map went bad
         log.warning("event=heatmap_unrenderable image=%s error=%s", image_id, exc)
