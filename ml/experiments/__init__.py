@@ -79,7 +79,7 @@ def objective_from(values: Mapping[str, Any]) -> Objective:
     if teacher:
         from ml.experiments.distill import Distillation
 
-        return Distillation(teacher, values.get("distill_alpha", 0.5), values["input_size"])
+        return Distillation(teacher, values.get("distill_alpha", 0.5))
     if adversary:
         from ml.experiments.adversary import SourceAdversary
 

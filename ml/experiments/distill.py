@@ -4,8 +4,9 @@ Knowledge distillation (Hinton et al. 2015) for one sigmoid output: the loss is
 alpha * BCE(label, p) + (1 - alpha) * BCE(teacher's p, p), each image's term weighted as the
 plain objective weights it. The teacher (any artifact, e.g. an ImageNet-initialised
 EfficientNet-Lite fine-tuned here) sees the very augmented batch the student sees, in inference
-mode, so its targets follow the augmentation. It is built at the student's input size: every
-classifier here ends in global average pooling, so its weights fit any size.
+mode, so its targets follow the augmentation. It keeps the input size it was trained at: a batch
+of another size is resized (bilinear) for it, so a 64-px student can learn from a 128-px teacher
+without querying it at a resolution it never saw.
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ def distillation_loss(
     return alpha * hard + (1.0 - alpha) * soft
 
 
-def load_teacher(model_dir: str | Path, input_size: int) -> keras.Model:
-    """The artifact's classifier, rebuilt at input_size, frozen."""
+def load_teacher(model_dir: str | Path) -> keras.Model:
+    """The artifact's classifier at its own input size, frozen."""
     meta = read_metadata(model_dir)
-    arch = {**meta.architecture, "input_size": input_size}
-    teacher = build_classifier(arch, output_dtype="float32")
+    teacher = build_classifier(meta.architecture, output_dtype="float32")
     teacher.set_weights(load_weight_arrays(model_dir, meta))
     teacher.trainable = False
     return teacher
@@ -61,9 +61,16 @@ class Distiller(keras.Model):
     def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         return self.student(x, training=training)
 
+    def teacher_input(self, x: tf.Tensor) -> tf.Tensor:
+        """The batch at the teacher's input size (unchanged when the sizes agree)."""
+        size = self.teacher.input_shape[1:3]
+        if tuple(x.shape[1:3]) == tuple(size):
+            return x
+        return tf.image.resize(x, size, method="bilinear")
+
     def train_step(self, batch: tuple) -> dict:
         x, y, weight = batch
-        soft = tf.stop_gradient(self.teacher(x, training=False))
+        soft = tf.stop_gradient(self.teacher(self.teacher_input(x), training=False))
         with tf.GradientTape() as tape:
             p = self(x, training=True)
             per_image = distillation_loss(y, soft, p, self.alpha)
@@ -91,14 +98,14 @@ class Distillation(Objective):
 
     name = "distillation"
 
-    def __init__(self, teacher_dir: str, alpha: float = 0.5, input_size: int = 224) -> None:
+    def __init__(self, teacher_dir: str, alpha: float = 0.5) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError("--distill-alpha must lie in [0, 1]")
         try:
             self.teacher_version = read_metadata(teacher_dir).model_version
         except ArtifactError as exc:
             raise ValueError(f"--distill-from: {exc.message}") from exc
-        self.teacher_dir, self.alpha, self.input_size = str(teacher_dir), alpha, input_size
+        self.teacher_dir, self.alpha = str(teacher_dir), alpha
 
     def describe(self) -> dict[str, object]:
         """The teacher's version and the mixing weight."""
@@ -109,9 +116,9 @@ class Distillation(Objective):
         }
 
     def training_model(self, classifier: keras.Model, train: Sequence[data.Record]) -> keras.Model:
-        """The Distiller around the student, with the teacher loaded at its input size."""
+        """The Distiller around the student, with the teacher at its own input size."""
         try:
-            teacher = load_teacher(self.teacher_dir, self.input_size)
+            teacher = load_teacher(self.teacher_dir)
         except Exception as exc:
             raise TrainingError(f"--distill-from {self.teacher_dir}: {exc}") from exc
         log("distillation", teacher=self.teacher_version, alpha=self.alpha)

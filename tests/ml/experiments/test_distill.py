@@ -50,9 +50,30 @@ def test_a_toy_student_learns_the_teachers_probabilities_not_only_the_labels() -
     np.testing.assert_array_equal(teacher.get_weights()[0], [[3.0]])  # the teacher never moves
 
 
+def test_a_teacher_of_another_input_size_sees_the_batch_at_its_own_size() -> None:
+    # A 128-px teacher and a 64-px student, in miniature: 8x8 against 4x4.
+    def model(size: int, weight: float) -> keras.Model:
+        layers = [keras.Input((size, size, 3)), keras.layers.GlobalAveragePooling2D()]
+        net = keras.Sequential([*layers, keras.layers.Dense(1, activation="sigmoid")])
+        net.set_weights([np.full((3, 1), weight, np.float32), np.zeros(1, np.float32)])
+        return net
+
+    teacher, student = model(8, 1.0), model(4, 0.0)
+    teacher.trainable = False
+    distiller = Distiller(student, teacher, alpha=0.0)
+    x = np.stack([np.full((4, 4, 3), v, np.float32) for v in (-1.0, 0.5)])
+    seen = distiller.teacher_input(tf.constant(x))
+    assert tuple(seen.shape) == (2, 8, 8, 3)
+    want = np.broadcast_to(np.array([-1.0, 0.5], np.float32)[:, None, None, None], (2, 8, 8, 3))
+    np.testing.assert_allclose(seen.numpy(), want, rtol=1e-6)  # flat images stay flat
+    distiller.compile(optimizer=keras.optimizers.SGD(1.0))
+    distiller.fit(x, np.zeros((2, 1), np.float32), sample_weight=np.ones(2, np.float32), verbose=0)
+    assert float(distiller.agreement.result()) > 0.1  # the teacher answered: sigmoid(3 v) != 0.5
+
+
 def test_teacher_must_be_a_model_artifact(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--distill-from"):
-        Distillation(str(tmp_path), 0.5, 32)
+        Distillation(str(tmp_path), 0.5)
     with pytest.raises(SystemExit):
         train.parse_args(["--manifest", "m", "--out", "o", "--distill-from", str(tmp_path)])
 
