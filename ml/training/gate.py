@@ -29,12 +29,18 @@ CLASS_REASONS = {"lateral": "not_frontal", "ct": "other_modality", "other": "not
 # out of the gate's fit so that every source has held-out frontal images to report.
 TRAIN_ONLY_SOURCES = ("covid-cxnet", "twitter-covid")
 FRONTAL_ABSTAIN_TARGET = 0.005  # per threshold, on validation radiographs
+# How the thresholds meet that target on validation radiographs: over all of them pooled, or
+# in every source separately (the targets are per source: a pooled rule lets a small source's
+# images be the ones abstained on).
+THRESHOLD_RULES = ("pooled", "per-source")
 
 
-def gate_split(sample: Sample) -> str:
-    """The split a sample plays for the gate (the model's split, except train-only sources)."""
+def gate_split(sample: Sample, val_for_train_only: bool = False) -> str:
+    """The split a sample plays for the gate (the model's split, except train-only sources,
+    which give test images and, with val_for_train_only, validation images too)."""
     if sample.kind == "frontal" and sample.source in TRAIN_ONLY_SOURCES:
-        return "test" if split_of(sample.key) == "test" else "train"
+        split = split_of(sample.key)
+        return split if split == "test" or (split == "val" and val_for_train_only) else "train"
     return sample.split
 
 
@@ -111,16 +117,21 @@ def make_gate(arrays: dict[str, np.ndarray], min_frontal: float = 0.5,
 
 
 def choose_thresholds(gate: Gate, features: np.ndarray, stats: np.ndarray,
-                      target: float = FRONTAL_ABSTAIN_TARGET) -> tuple[float, float]:
-    """On validation radiographs: each threshold abstains on at most `target` of them."""
+                      target: float = FRONTAL_ABSTAIN_TARGET,
+                      sources: np.ndarray | None = None) -> tuple[float, float]:
+    """On validation radiographs: each threshold abstains on at most `target` of them, or, given
+    each image's source, on at most `target` of every source's (the loosest source decides)."""
     probabilities, distances = gate.scores(features, stats)
     frontal = probabilities[:, CLASSES.index("frontal")]
-    min_frontal = min(0.5, float(np.quantile(frontal, target)))
-    return min_frontal, float(np.quantile(distances, 1.0 - target))
+    groups = [np.ones(len(frontal), bool)] if sources is None else [
+        sources == name for name in np.unique(sources)]
+    min_frontal = min(float(np.quantile(frontal[g], target)) for g in groups)
+    max_distance = max(float(np.quantile(distances[g], 1.0 - target)) for g in groups)
+    return min(0.5, min_frontal), max_distance
 
 
 def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple[float, float],
-               summary: dict) -> dict:
+               summary: dict, rule: str = "pooled") -> dict:
     """gate.npz, then gate.json (which names the npz's sha256 and the weights it belongs to)."""
     meta = read_metadata(model_dir)
     path = model_dir / GATE_ARRAYS_FILE
@@ -139,7 +150,8 @@ def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple
         "class_reasons": CLASS_REASONS,
         "thresholds": {"min_frontal_probability": thresholds[0], "max_distance": thresholds[1],
                        "chosen_on": "validation split",
-                       "frontal_abstain_target_each": FRONTAL_ABSTAIN_TARGET},
+                       "frontal_abstain_target_each": FRONTAL_ABSTAIN_TARGET,
+                       "rule": rule},
         "summary": summary,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -148,22 +160,29 @@ def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple
 
 
 def fit_gate(model_dir: Path, samples: Sequence[Sample], data: dict[str, np.ndarray],
-             components: int = 64, c: float = 0.1, distance_margin: float = 1.0) -> tuple[Gate, dict]:
+             components: int = 64, c: float = 0.1, distance_margin: float = 1.0,
+             rule: str = "pooled") -> tuple[Gate, dict]:
     """Fit on train, thresholds on val; returns the written gate (loaded back) and its info.
 
     distance_margin multiplies the distance threshold (1 for served models; more for the
-    tiny test models, whose validation set is a handful of images)."""
-    splits = np.array([gate_split(s) for s in samples])
+    tiny test models, whose validation set is a handful of images). rule: THRESHOLD_RULES;
+    per-source also gives the train-only sources validation images, so that every source
+    has some."""
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; known: {THRESHOLD_RULES}")
+    per_source = rule == "per-source"
+    splits = np.array([gate_split(s, val_for_train_only=per_source) for s in samples])
     classes = np.array([KIND_CLASS[s.kind] for s in samples])
     train, val = splits == "train", (splits == "val") & (classes == "frontal")
     arrays = fit_arrays(data["features"][train], data["stats"][train], classes[train], components, c)
+    sources = np.array([s.source for s in samples])[val] if per_source else None
     min_frontal, max_distance = choose_thresholds(make_gate(arrays), data["features"][val],
-                                                  data["stats"][val])
+                                                  data["stats"][val], sources=sources)
     thresholds = (min_frontal, max_distance * distance_margin)
     summary = {"fit_images_per_class": {k: int(((classes == k) & train).sum()) for k in CLASSES},
                "val_frontal_images": int(val.sum()), "components": int(arrays["components"].shape[0]),
                "C": c, "distance_margin": distance_margin}
-    info = write_gate(model_dir, arrays, thresholds, summary)
+    info = write_gate(model_dir, arrays, thresholds, summary, rule)
     gate = Gate.load(model_dir, read_metadata(model_dir))
     assert gate is not None
     return gate, info
@@ -184,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--C", type=float, default=0.1, dest="c")
     parser.add_argument("--min-per-source", type=int, default=0,
                         help="training radiographs each source gives at least (default: 25%% of all)")
+    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="pooled",
+                        help="thresholds meet the validation abstention target over all "
+                        "radiographs pooled, or in every source (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="development/test models: fit on a small set in a minute, no report")
     args = parser.parse_args(argv)
@@ -198,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     samples = all_samples(args.model, args.cxr, args.ood, keep_sources=TRAIN_ONLY_SOURCES,
                           min_per_source=args.min_per_source)
     data = extract(samples, args.model, cache, backend=args.backend)
-    gate, info = fit_gate(args.model, samples, data, args.components, args.c)
-    report = write_report(args.report, gate, samples, data, [gate_split(s) for s in samples])
+    gate, info = fit_gate(args.model, samples, data, args.components, args.c,
+                          rule=args.threshold_rule)
+    per_source = args.threshold_rule == "per-source"
+    report = write_report(args.report, gate, samples, data,
+                          [gate_split(s, val_for_train_only=per_source) for s in samples])
     print(f"wrote {args.model / GATE_FILE} ({info['version']}) and {report}")
     return 0
 
