@@ -124,8 +124,9 @@ def transition(
     token: Claim | None = None,
     guard: ColumnElement[bool] | None = None,
     **fields: Any,
-) -> bool:
-    """Move one study from any of `sources` to `target`; True if this call made the move.
+) -> int | None:
+    """Move one study from any of `sources` to `target`; its attempt count after the move if
+    this call made it, None if not.
 
     A move the table does not list (any source -> target not in TRANSITIONS)
     is a bug in the caller, not a race: it raises TransitionError before any
@@ -135,10 +136,12 @@ def transition(
     expired lease); it sets the status, the timestamps of
     the target (queued_at, started_at and attempts + 1, or finished_at; a
     success clears the error) and any extra columns in `fields` (a failure's
-    error_code and error_message). It returns False, changing nothing, when
+    error_code and error_message). It returns None, changing nothing, when
     no row matched: the study is absent, in another state, or the token is
-    stale. Does not commit: the caller commits, or rolls back, after adding
-    what belongs to the same transaction.
+    stale; otherwise the row's `attempts` as the UPDATE left it (RETURNING: a
+    claim learns its token without a second statement). Does not commit: the
+    caller commits, or rolls back, after adding what belongs to the same
+    transaction.
     """
     sources = frozenset({sources} if isinstance(sources, StudyStatus) else sources)
     if not sources:
@@ -153,13 +156,13 @@ def transition(
         guards.append(Study.attempts == token.token)
     if guard is not None:
         guards.append(guard)
-    result = session.execute(
+    return session.execute(
         update(Study)
         .where(*guards)
         .values({**_on_entry(target), **fields, "status": target.value})
+        .returning(Study.attempts)
         .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
+    ).scalar_one_or_none()
 
 
 def claim(session: Session, study_id: str, max_attempts: int,
@@ -178,10 +181,10 @@ def claim(session: Session, study_id: str, max_attempts: int,
         cutoff = utcnow() - timedelta(seconds=lease_s)
         lost = or_(Study.status == StudyStatus.QUEUED.value, Study.heartbeat_at.is_(None),
                    Study.heartbeat_at < cutoff)
-    if not transition(session, study_id, PENDING, StudyStatus.RUNNING, guard=lost):
+    attempts = transition(session, study_id, PENDING, StudyStatus.RUNNING, guard=lost)
+    if attempts is None:
         session.rollback()
         return None
-    attempts = session.execute(select(Study.attempts).where(Study.id == study_id)).scalar_one()
     session.commit()
     token = Claim(study_id, attempts)
     if attempts > max_attempts:
@@ -199,8 +202,8 @@ def finish(session: Session, token: Claim, predictions: Iterable[Prediction]) ->
     """RUNNING -> SUCCEEDED and the predictions, in one transaction. False if the token is stale."""
     # The UPDATE comes first: on PostgreSQL it locks the row, so a concurrent
     # finisher waits, then sees the changed attempt count and writes nothing.
-    if not transition(session, token.study_id, StudyStatus.RUNNING, StudyStatus.SUCCEEDED,
-                      token=token):
+    if transition(session, token.study_id, StudyStatus.RUNNING, StudyStatus.SUCCEEDED,
+                  token=token) is None:
         session.rollback()
         log.warning("event=finish_discarded study=%s token=%s", token.study_id, token.token)
         return False
@@ -216,20 +219,14 @@ def fail(session: Session, token: Claim | str, code: str, message: str) -> bool:
     moved = transition(session, study_id, PENDING, StudyStatus.FAILED, token=claim_token,
                        error_code=code, error_message=message[:2000])
     session.commit()
-    return moved
+    return moved is not None
 
 
 def requeue(session: Session, study_id: str, *, token: Claim | None = None) -> bool:
     """RUNNING -> QUEUED (the sweeper finding a lost job); a token, if given, must be current. Commits."""
     moved = transition(session, study_id, StudyStatus.RUNNING, StudyStatus.QUEUED, token=token)
     session.commit()
-    return moved
-
-
-def attempts_so_far(session: Session, study_id: str) -> int:
-    """How often the study was claimed (0 for new or unknown studies); reads only."""
-    value = session.execute(select(Study.attempts).where(Study.id == study_id)).scalar_one_or_none()
-    return int(value or 0)
+    return moved is not None
 
 
 def heartbeat(session: Session, tokens: Iterable[Claim], waiting: Iterable[str] = ()) -> set[str]:
@@ -317,4 +314,4 @@ def touch_queued(session: Session, study_id: str) -> bool:
     """
     moved = transition(session, study_id, StudyStatus.QUEUED, StudyStatus.QUEUED)
     session.commit()
-    return moved
+    return moved is not None

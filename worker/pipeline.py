@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.exc import DBAPIError
 
 from ml.artifact import ArtifactError
@@ -18,7 +18,8 @@ from ml.imaging import ImageError, Limits, decode_image
 from ml.overlay import encode_cam
 from webapp import jobs
 from webapp.extensions import db
-from webapp.models import Image, Prediction
+from webapp.models import Image, Prediction, Study
+from webapp.pacs.models import DicomOrigin
 from webapp.pacs.sends import after_study
 from worker.isolation import Isolation
 from worker.leases import Leases
@@ -53,18 +54,28 @@ def _fail(token: jobs.Claim, code: str, message: str) -> str:
     return "failed"
 
 
+def _history(study_id: str) -> tuple[int, bool]:
+    """How often the study was claimed before (0 if unknown), and whether the PACS sent it: one
+    SELECT, so that uploads skip the PACS hook's query after the result."""
+    row = db.session.execute(
+        select(Study.attempts, exists().where(DicomOrigin.study_id == Study.id))
+        .where(Study.id == study_id)
+    ).one_or_none()
+    db.session.remove()
+    return (0, False) if row is None else (int(row[0] or 0), bool(row[1]))
+
+
 def run_study(study_id: str) -> str:
     """Process one study; returns what happened ('succeeded', 'failed', 'skipped', 'stale')."""
-    # A study claimed before may have killed its last worker: run it alone.
-    suspect = jobs.attempts_so_far(db.session, study_id) > 0
-    db.session.remove()
+    attempts, from_pacs = _history(study_id)
+    suspect = attempts > 0  # a study claimed before may have killed its last worker: run it alone
     # Until it is claimed, a study waiting its turn beats as delivered, so a death
     # of this process while it waits is noticed like the death of a running study.
     with _leases.waiting(study_id, mark_now=_isolation.would_wait(suspect)), \
             _isolation.hold(exclusive=suspect):
         outcome = _run(study_id, current_app.config)
-    if outcome in ("succeeded", "failed"):
-        after_study(study_id)  # the results (or nothing) back to the PACS, for studies from it
+    if from_pacs and outcome in ("succeeded", "failed"):
+        after_study(study_id)  # the results (or nothing) back to the PACS
     return outcome
 
 

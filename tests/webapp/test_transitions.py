@@ -133,7 +133,7 @@ def made(monkeypatch) -> list[tuple[StudyStatus, StudyStatus]]:
     def spy(session, study_id, sources, target, **kwargs):
         before = session.execute(select(Study.status).where(Study.id == study_id)).scalar_one()
         moved = real(session, study_id, sources, target, **kwargs)
-        if moved:
+        if moved is not None:
             moves.append((StudyStatus(before), target))
         return moved
 
@@ -176,9 +176,11 @@ def test_transition_makes_every_allowed_move(app):
         for old, new in sorted(EDGES):
             study_id = new_study(old)
             before = row(study_id)
-            assert jobs.transition(db.session, study_id, old, new) is True, f"{old} -> {new}"
+            attempts = jobs.transition(db.session, study_id, old, new)
             db.session.commit()
-            assert_entered(before, row(study_id), new)
+            after = row(study_id)
+            assert attempts is not None and attempts == after["attempts"], f"{old} -> {new}"
+            assert_entered(before, after, new)
 
 
 def test_transition_guards_the_actual_status_and_the_token(app):
@@ -190,16 +192,16 @@ def test_transition_guards_the_actual_status_and_the_token(app):
                     continue
                 study_id = new_study(actual)
                 before = row(study_id)
-                assert jobs.transition(db.session, study_id, old, new) is False
+                assert jobs.transition(db.session, study_id, old, new) is None
                 db.session.commit()
                 assert row(study_id) == before
             # In the right status, but holding a stale token.
             study_id = new_study(old)
             before = row(study_id)
-            assert jobs.transition(db.session, study_id, old, new, token=stale(study_id)) is False
+            assert jobs.transition(db.session, study_id, old, new, token=stale(study_id)) is None
             db.session.commit()
             assert row(study_id) == before
-        assert jobs.transition(db.session, "no-such-study", Q, R) is False
+        assert jobs.transition(db.session, "no-such-study", Q, R) is None
 
 
 @pytest.fixture
