@@ -3,7 +3,8 @@
 Objectives (a source adversary, group DRO) plug into ml.training.loop.fit; preprocessing
 versions 3 and 4 register with ml.preprocess when ml.experiments.preprocessing is imported;
 ml.experiments.compare sets evaluation reports side by side; ml.experiments.gradcam is the
-reference Grad-CAM the served class-activation maps are tested against. Results:
+reference Grad-CAM the served class-activation maps are tested against;
+ml.experiments.gate_variants measures the input gate's alternatives. Results:
 docs/experiments/README.md.
 """
 
