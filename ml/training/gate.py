@@ -44,6 +44,14 @@ def gate_split(sample: Sample, val_for_train_only: bool = False) -> str:
     return sample.split
 
 
+def gate_splits(samples: Sequence[Sample], rule: str = "pooled") -> list[str]:
+    """Every sample's gate_split under a threshold rule (per-source: train-only sources give
+    validation images too, so that every source has some)."""
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; known: {THRESHOLD_RULES}")
+    return [gate_split(s, val_for_train_only=rule == "per-source") for s in samples]
+
+
 def extract(samples: Sequence[Sample], model_dir: Path, cache: Path, backend: str = "onnx",
             batch_size: int = 32) -> dict[str, np.ndarray]:
     """Features, statistics and COVID probability per sample, cached by key in an npz."""
@@ -165,17 +173,12 @@ def fit_gate(model_dir: Path, samples: Sequence[Sample], data: dict[str, np.ndar
     """Fit on train, thresholds on val; returns the written gate (loaded back) and its info.
 
     distance_margin multiplies the distance threshold (1 for served models; more for the
-    tiny test models, whose validation set is a handful of images). rule: THRESHOLD_RULES;
-    per-source also gives the train-only sources validation images, so that every source
-    has some."""
-    if rule not in THRESHOLD_RULES:
-        raise ValueError(f"unknown threshold rule {rule!r}; known: {THRESHOLD_RULES}")
-    per_source = rule == "per-source"
-    splits = np.array([gate_split(s, val_for_train_only=per_source) for s in samples])
+    tiny test models, whose validation set is a handful of images). rule: THRESHOLD_RULES."""
+    splits = np.array(gate_splits(samples, rule))
     classes = np.array([KIND_CLASS[s.kind] for s in samples])
     train, val = splits == "train", (splits == "val") & (classes == "frontal")
     arrays = fit_arrays(data["features"][train], data["stats"][train], classes[train], components, c)
-    sources = np.array([s.source for s in samples])[val] if per_source else None
+    sources = np.array([s.source for s in samples])[val] if rule == "per-source" else None
     min_frontal, max_distance = choose_thresholds(make_gate(arrays), data["features"][val],
                                                   data["stats"][val], sources=sources)
     thresholds = (min_frontal, max_distance * distance_margin)
@@ -222,9 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     data = extract(samples, args.model, cache, backend=args.backend)
     gate, info = fit_gate(args.model, samples, data, args.components, args.c,
                           rule=args.threshold_rule)
-    per_source = args.threshold_rule == "per-source"
     report = write_report(args.report, gate, samples, data,
-                          [gate_split(s, val_for_train_only=per_source) for s in samples])
+                          gate_splits(samples, args.threshold_rule))
     print(f"wrote {args.model / GATE_FILE} ({info['version']}) and {report}")
     return 0
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ml.gate import STAT_NAMES
-from ml.training.gate import TRAIN_ONLY_SOURCES, gate_split
+from ml.training.gate import TRAIN_ONLY_SOURCES, gate_split, gate_splits
 from ml.training.gate_data import all_samples
 
 REPO = Path(__file__).resolve().parents[3]
@@ -58,7 +58,8 @@ def test_per_source_thresholds_meet_the_target_in_every_source_not_only_pooled()
 def test_train_only_sources_give_validation_images_only_to_the_per_source_rule() -> None:
     samples = all_samples(REPO / "models" / "current", CXR, OOD, keep_sources=TRAIN_ONLY_SOURCES)
     train_only = [s for s in samples if s.kind == "frontal" and s.source in TRAIN_ONLY_SOURCES]
-    pooled = collections.Counter(gate_split(s) for s in train_only)
-    per_source = collections.Counter(gate_split(s, val_for_train_only=True) for s in train_only)
+    pooled = collections.Counter(gate_splits(train_only))
+    per_source = collections.Counter(gate_splits(train_only, "per-source"))
+    assert pooled == collections.Counter(gate_split(s) for s in train_only)
     assert "val" not in pooled and per_source["val"] > 0
     assert per_source["test"] == pooled["test"]  # the test images stay the same
