@@ -26,15 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ml.evaluation.metrics import auroc
 from ml.gate import FLAT_STD, STAT_NAMES
 from ml.training.gate import (
     CLASSES,
-    FRONTAL_ABSTAIN_TARGET,
     TRAIN_ONLY_SOURCES,
     extract,
     fit_arrays,
     gate_split,
     make_gate,
+    thresholds_for,
 )
 
 COMPONENTS = 64
@@ -64,12 +65,6 @@ def within_source(features: np.ndarray, fit: np.ndarray, sources: np.ndarray,
     k = min(components, len(deviations) - 1)
     axes, scale = vt[:k], sv[:k] / np.sqrt(len(deviations) - 1)
     return np.min([((((features - m) @ axes.T) / scale) ** 2).mean(axis=1) for m in means], axis=0)
-
-
-def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
-    """P(a positive scores above a negative), ties counting half."""
-    diff = positive[:, None] - negative[None, :]
-    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "features-only": (lean.scores(features, no_stats)[0][:, at], distance),
     }
     for name, (p_frontal, d) in variants.items():
-        min_frontal = min(0.5, float(np.quantile(p_frontal[val_frontal], FRONTAL_ABSTAIN_TARGET)))
-        max_distance = float(np.quantile(d[val_frontal], 1 - FRONTAL_ABSTAIN_TARGET))
+        min_frontal, max_distance = thresholds_for(p_frontal[val_frontal], d[val_frontal])
         abstained = flat | (p_frontal < min_frontal) | (d > max_distance)
         print(f"== {name}: P(frontal) >= {min_frontal:.4f}, distance <= {max_distance:.3f}")
         for split in ("val", "test"):
@@ -123,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     score = energy(data["probability"])
     for split in ("val", "test"):
         here = splits == split
-        row = [f"{k} {auroc(score[here & frontal], score[here & (kinds == k)]):.3f}"
-               for k in np.unique(kinds[here & ~frontal])]
+        row = []
+        for k in np.unique(kinds[here & ~frontal]):
+            pair = here & (frontal | (kinds == k))
+            row.append(f"{k} {auroc(kinds[pair] == k, score[pair]):.3f}")
         print(f"energy score AUROC, radiographs against each kind, {split}: " + ", ".join(row))
     return 0
 

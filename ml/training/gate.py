@@ -130,7 +130,13 @@ def choose_thresholds(gate: Gate, features: np.ndarray, stats: np.ndarray,
     """On validation radiographs: each threshold abstains on at most `target` of them, or, given
     each image's source, on at most `target` of every source's (the loosest source decides)."""
     probabilities, distances = gate.scores(features, stats)
-    frontal = probabilities[:, CLASSES.index("frontal")]
+    return thresholds_for(probabilities[:, CLASSES.index("frontal")], distances, target, sources)
+
+
+def thresholds_for(frontal: np.ndarray, distances: np.ndarray,
+                   target: float = FRONTAL_ABSTAIN_TARGET,
+                   sources: np.ndarray | None = None) -> tuple[float, float]:
+    """choose_thresholds on scores already computed (P(frontal) and distance per radiograph)."""
     groups = [np.ones(len(frontal), bool)] if sources is None else [
         sources == name for name in np.unique(sources)]
     min_frontal = min(float(np.quantile(frontal[g], target)) for g in groups)
