@@ -259,7 +259,9 @@ def check_int8_gate(info: dict[str, Any], gate: Any, model_dir: str | Path) -> N
     if measured.get("changed", 1) > 0:
         raise ArtifactError("int8_changes_gate", f"on int8 features the input gate changes "
                             f"{measured.get('changed')} of its {measured.get('images')} validation "
-                            "decisions; serve this model in float32 (INFERENCE_BACKEND=onnx or auto)")
+                            "decisions; serve this model in float32 (INFERENCE_BACKEND=onnx or auto), "
+                            "or fit the variant a gate of its own: python -m ml.training.gate "
+                            f"--model {model_dir} --backend onnx-int8")
 
 
 def usable_cpus() -> int:

@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"missed {parity['missed']}: a model of its own, {serving['model_version']} at "
                   f"threshold {serving['threshold']:.4f}; only INFERENCE_BACKEND=onnx-int8 serves it")
+            if (model_dir / "gate.json").is_file() and (ood / "manifest.csv").is_file():
+                # Its features are not the float32 model's: it gets an input gate of its own.
+                from ml.training.gate import main as fit_gate
+
+                fit_gate(["--model", str(model_dir), "--backend", "onnx-int8",
+                          "--cxr", str(args.manifest.resolve().parent), "--ood", str(ood),
+                          "--report", str(model_dir / "gate.int8.report")])
     return 0
 
 

@@ -23,6 +23,9 @@ from ml.artifact import ArtifactError, ModelMetadata, sha256_file
 
 GATE_FILE = "gate.json"
 GATE_ARRAYS_FILE = "gate.npz"
+# An int8 variant that is a model of its own (its features are not the float32 model's) has a
+# gate of its own, fitted on its features and bound to its file: gate.int8.json + gate.int8.npz.
+INT8_VARIANT = "int8"
 GATE_FORMAT = 1
 # What each code means to a person; the study page shows these words.
 REASONS: dict[str, str] = {
@@ -109,6 +112,12 @@ def tag_reason(attributes: Mapping[str, Any] | None) -> str | None:
     return None
 
 
+def gate_files(variant: str = "") -> tuple[str, str]:
+    """(json, npz) file names of the artifact's gate, or of a variant's own ("int8")."""
+    return (GATE_FILE, GATE_ARRAYS_FILE) if not variant else (f"gate.{variant}.json",
+                                                              f"gate.{variant}.npz")
+
+
 @dataclass(frozen=True)
 class Gate:
     """Fitted gate parameters; build with Gate.load(model_dir, meta)."""
@@ -128,20 +137,28 @@ class Gate:
     info: dict
 
     @classmethod
-    def load(cls, model_dir: str | Path, meta: ModelMetadata) -> Gate | None:
-        """The artifact's gate, or None when it has none; raises ArtifactError if it is unusable."""
-        path = Path(model_dir) / GATE_FILE
+    def load(cls, model_dir: str | Path, meta: ModelMetadata, variant: str = "",
+             engine_sha256: str | None = None) -> Gate | None:
+        """The artifact's gate, or None when it has none; raises ArtifactError if it is unusable.
+
+        variant "int8": the int8 variant's own gate, which must have been fitted on the features
+        of the file whose sha256 is engine_sha256 (its json says which)."""
+        json_name, arrays_name = gate_files(variant)
+        path = Path(model_dir) / json_name
         if not path.is_file():
             return None
         try:
             info = json.loads(path.read_text(encoding="utf-8"))
-            arrays_path = Path(model_dir) / GATE_ARRAYS_FILE
+            arrays_path = Path(model_dir) / arrays_name
             if info.get("format") != GATE_FORMAT:
                 raise ValueError(f"unknown gate format {info.get('format')}")
             if info.get("weights_sha256") != meta.weights_sha256:
                 raise ValueError("it was fitted on other weights; refit it for this model")
+            if variant and (engine_sha256 is None or info.get("engine_sha256") != engine_sha256):
+                raise ValueError(f"it was fitted on another {variant} export; refit it with "
+                                 f"python -m ml.training.gate --model {model_dir} --backend onnx-{variant}")
             if sha256_file(arrays_path) != info.get("arrays_sha256"):
-                raise ValueError(f"{GATE_ARRAYS_FILE} does not match its sha256")
+                raise ValueError(f"{arrays_name} does not match its sha256")
             with np.load(arrays_path, allow_pickle=False) as npz:
                 arrays = {k: npz[k].astype(np.float32) for k in npz.files}
             thresholds = info["thresholds"]

@@ -22,7 +22,7 @@ from ml.backends import (
     serving_terms,
     usable_cpus,
 )
-from ml.gate import GATE_FILE, Gate, image_statistics
+from ml.gate import GATE_FILE, INT8_VARIANT, Gate, image_statistics
 from ml.overlay import normalise_maps, overlay_png
 from ml.preprocess import preprocess_batch
 
@@ -119,7 +119,12 @@ class Predictor:
                 raise ArtifactError("invalid_model", "the ONNX export has no features output for "
                                     f"the input gate; re-run python -m ml.export {model_dir}")
             threshold, version = serving_terms(meta, onnx_engine.info or {})
-            if name == "onnx-int8" and gate is not None:
+            own_gate = None
+            if name == "onnx-int8" and version != meta.model_version:  # a model of its own
+                own_gate = Gate.load(model_dir, meta, INT8_VARIANT, (onnx_engine.info or {}).get("sha256"))
+            if own_gate is not None:
+                gate = own_gate  # fitted on the variant's own features: nothing to compare
+            elif name == "onnx-int8" and gate is not None:
                 check_int8_gate(onnx_engine.info or {}, gate, model_dir)
             if version != meta.model_version:
                 own = (threshold, version)

@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ml.artifact import read_metadata, sha256_file
-from ml.gate import GATE_ARRAYS_FILE, GATE_FILE, GATE_FORMAT, STAT_NAMES, Gate, image_statistics
+from ml.gate import GATE_FORMAT, INT8_VARIANT, STAT_NAMES, Gate, gate_files, image_statistics
 from ml.training.gate_data import KIND_CLASS, Sample, all_samples, split_of
 
 CLASSES = ("frontal", "lateral", "ct", "other", "inverted", "poor")
@@ -54,8 +55,10 @@ def gate_splits(samples: Sequence[Sample], rule: str = "pooled") -> list[str]:
 
 def extract(samples: Sequence[Sample], model_dir: Path, cache: Path, backend: str = "onnx",
             batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Features, statistics and COVID probability per sample, cached by key in an npz."""
-    from ml.predictor import Predictor
+    """Features, statistics and COVID probability per sample, cached by key in an npz.
+
+    backend onnx or onnx-int8 runs the export itself, without the artifact's gate (which may be
+    the thing being fitted, or may refuse the int8 variant's features)."""
 
     done: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     if cache.is_file():
@@ -66,11 +69,11 @@ def extract(samples: Sequence[Sample], model_dir: Path, cache: Path, backend: st
             done[str(key)] = (features[i], stats[i], float(probability[i]))
     todo = [s for s in samples if s.key not in done]
     if todo:
-        predictor = Predictor.load(model_dir, backend=backend)
+        engine, prepare = _engine(model_dir, backend)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             loaded = [s.load() for s in chunk]
-            out = predictor.backend.forward(predictor.preprocess([p for p, _ in loaded]), False)
+            out = engine.forward(prepare([p for p, _ in loaded]), False)
             for s, (pixels, attrs), f, p in zip(chunk, loaded, out.features, out.probability,
                                                 strict=True):
                 done[s.key] = (f, image_statistics(pixels, attrs), float(p))
@@ -83,6 +86,22 @@ def extract(samples: Sequence[Sample], model_dir: Path, cache: Path, backend: st
             "probability": np.array([done[k][2] for k in keys])}
 
 
+def _engine(model_dir: Path, backend: str) -> tuple[Any, Callable[[list[np.ndarray]], np.ndarray]]:
+    """The backend's forward pass and the artifact's preprocessing."""
+    from ml.predictor import Predictor
+
+    if backend in ("onnx", "onnx-int8"):
+        from ml.backends import OnnxBackend
+        from ml.preprocess import preprocess_batch
+
+        meta = read_metadata(model_dir)
+        engine = OnnxBackend.load(model_dir, meta, int8=backend == "onnx-int8")
+        return engine, lambda pixels: preprocess_batch(pixels, size=meta.input_size,
+                                                       version=meta.preprocess_version)
+    predictor = Predictor.load(model_dir, backend=backend)
+    return predictor.backend, predictor.preprocess
+
+
 def _save_cache(cache: Path, done: dict) -> None:
     keys = list(done)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +111,12 @@ def _save_cache(cache: Path, done: dict) -> None:
 
 
 def fit_arrays(features: np.ndarray, stats: np.ndarray, classes: Sequence[str],
-               components: int = 64, c: float = 0.1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Principal axes of the frontal features, statistic scales and the classifier's weights."""
+               components: int = 64, c: float = 0.1, seed: int = 0,
+               sample_weight: np.ndarray | None = None, shrink: float = 0.0) -> dict[str, np.ndarray]:
+    """Principal axes of the frontal features, statistic scales and the classifier's weights
+    (sample_weight: per image, multiplying the classes' balancing weights; shrink: added to each
+    axis' variance, as a fraction of the axes' mean variance, so that the narrowest axes do not
+    dominate the distance)."""
     from sklearn.linear_model import LogisticRegression
 
     classes = np.asarray(classes)
@@ -101,14 +124,15 @@ def fit_arrays(features: np.ndarray, stats: np.ndarray, classes: Sequence[str],
     mean = frontal.mean(axis=0)
     _, sv, vt = np.linalg.svd(frontal - mean, full_matrices=False)
     k = min(components, len(frontal) - 1)
-    scale = sv[:k] / np.sqrt(len(frontal) - 1)
+    variance = sv[:k] ** 2 / (len(frontal) - 1)
+    scale = np.sqrt(variance + shrink * variance.mean())
     stat_mean, stat_scale = stats.mean(axis=0), stats.std(axis=0) + 1e-6
     x = np.concatenate([((features - mean) @ vt[:k].T) / scale, (stats - stat_mean) / stat_scale], 1)
     # Fitted on the whitened axes as they are: rescaling each column to unit variance (non-frontal
     # images lie far out on them) weakens the penalty there and measured worse on validation
     # (lateral X-rays 83% -> 33% abstained at the same frontal rate).
     model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=seed)
-    model.fit(x, classes)
+    model.fit(x, classes, sample_weight=sample_weight)
     order = [list(model.classes_).index(name) for name in CLASSES]
     return {"feature_mean": mean, "components": vt[:k], "component_scale": scale,
             "stat_mean": stat_mean, "stat_scale": stat_scale,
@@ -145,16 +169,25 @@ def thresholds_for(frontal: np.ndarray, distances: np.ndarray,
 
 
 def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple[float, float],
-               summary: dict, rule: str = "pooled") -> dict:
-    """gate.npz, then gate.json (which names the npz's sha256 and the weights it belongs to)."""
+               summary: dict, rule: str = "pooled", variant: str = "") -> dict:
+    """gate.npz, then gate.json (which names the npz's sha256 and the weights it belongs to);
+    variant "int8": the int8 variant's own, bound to its export file and serving version."""
     meta = read_metadata(model_dir)
-    path = model_dir / GATE_ARRAYS_FILE
+    json_name, arrays_name = gate_files(variant)
+    path = model_dir / arrays_name
     np.savez(path, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
     sha = sha256_file(path)
+    bound: dict[str, Any] = {"model_version": meta.model_version}
+    if variant:
+        from ml.backends import INT8_INFO_FILE, read_onnx_info, serving_terms
+
+        export = read_onnx_info(model_dir, meta, INT8_INFO_FILE)
+        bound = {"model_version": serving_terms(meta, export)[1], "variant": variant,
+                 "engine_sha256": export["sha256"]}
     info = {
         "format": GATE_FORMAT,
         "version": f"gate-1-{sha[:8]}",
-        "model_version": meta.model_version,
+        **bound,
         "weights_sha256": meta.weights_sha256,
         "arrays_sha256": sha,
         "feature_source": "pooled backbone output (input of head_dropout), whitened on "
@@ -169,17 +202,18 @@ def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple
         "summary": summary,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    (model_dir / GATE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    (model_dir / json_name).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
 def fit_gate(model_dir: Path, samples: Sequence[Sample], data: dict[str, np.ndarray],
              components: int = 64, c: float = 0.1, distance_margin: float = 1.0,
-             rule: str = "pooled") -> tuple[Gate, dict]:
+             rule: str = "pooled", variant: str = "") -> tuple[Gate, dict]:
     """Fit on train, thresholds on val; returns the written gate (loaded back) and its info.
 
     distance_margin multiplies the distance threshold (1 for served models; more for the
-    tiny test models, whose validation set is a handful of images). rule: THRESHOLD_RULES."""
+    tiny test models, whose validation set is a handful of images). rule: THRESHOLD_RULES;
+    variant "int8": the int8 variant's own gate, on its features (data)."""
     splits = np.array(gate_splits(samples, rule))
     classes = np.array([KIND_CLASS[s.kind] for s in samples])
     train, val = splits == "train", (splits == "val") & (classes == "frontal")
@@ -191,8 +225,8 @@ def fit_gate(model_dir: Path, samples: Sequence[Sample], data: dict[str, np.ndar
     summary = {"fit_images_per_class": {k: int(((classes == k) & train).sum()) for k in CLASSES},
                "val_frontal_images": int(val.sum()), "components": int(arrays["components"].shape[0]),
                "C": c, "distance_margin": distance_margin}
-    info = write_gate(model_dir, arrays, thresholds, summary, rule)
-    gate = Gate.load(model_dir, read_metadata(model_dir))
+    info = write_gate(model_dir, arrays, thresholds, summary, rule, variant)
+    gate = Gate.load(model_dir, read_metadata(model_dir), variant, info.get("engine_sha256"))
     assert gate is not None
     return gate, info
 
@@ -207,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ood", type=Path, default=Path("../shared/data/ood"))
     parser.add_argument("--report", type=Path, default=Path("docs/experiments/gate"))
     parser.add_argument("--cache", type=Path, help="features cache (default: bench/out/gate-<model>.npz)")
-    parser.add_argument("--backend", default="onnx", choices=["onnx", "keras"])
+    parser.add_argument("--backend", default="onnx", choices=["onnx", "keras", "onnx-int8"],
+                        help="onnx-int8: fit the int8 variant's own gate (gate.int8.json) on its "
+                        "features, for a variant that is a model of its own")
     parser.add_argument("--components", type=int, default=64)
     parser.add_argument("--C", type=float, default=0.1, dest="c")
     parser.add_argument("--min-per-source", type=int, default=0,
@@ -221,19 +257,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         from ml.training.gate_quick import fit_quick_gate
 
-        fit_quick_gate(args.model, args.cxr, args.ood, backend="keras")
-        print(f"wrote a quick (development only) gate to {args.model / GATE_FILE}")
+        quick_backend = "onnx-int8" if args.backend == "onnx-int8" else "keras"
+        fit_quick_gate(args.model, args.cxr, args.ood, backend=quick_backend)
+        variant = INT8_VARIANT if quick_backend == "onnx-int8" else ""
+        print(f"wrote a quick (development only) gate to {args.model / gate_files(variant)[0]}")
         return 0
     meta = read_metadata(args.model)
-    cache = args.cache or Path("bench/out") / f"gate-{meta.model_version}.npz"
+    variant = INT8_VARIANT if args.backend == "onnx-int8" else ""
+    suffix = f"+{variant}" if variant else ""
+    cache = args.cache or Path("bench/out") / f"gate-{meta.model_version}{suffix}.npz"
     samples = all_samples(args.model, args.cxr, args.ood, keep_sources=TRAIN_ONLY_SOURCES,
                           min_per_source=args.min_per_source)
     data = extract(samples, args.model, cache, backend=args.backend)
     gate, info = fit_gate(args.model, samples, data, args.components, args.c,
-                          rule=args.threshold_rule)
+                          rule=args.threshold_rule, variant=variant)
     report = write_report(args.report, gate, samples, data,
                           gate_splits(samples, args.threshold_rule))
-    print(f"wrote {args.model / GATE_FILE} ({info['version']}) and {report}")
+    print(f"wrote {args.model / gate_files(variant)[0]} ({info['version']}) and {report}")
     return 0
 
 

@@ -12,6 +12,7 @@ import csv
 import json
 from pathlib import Path
 
+from ml.gate import INT8_VARIANT, gate_files
 from ml.training.gate import extract, fit_gate
 from ml.training.gate_data import (
     Sample,
@@ -46,7 +47,8 @@ def _ood(ood_dir: Path) -> list[Sample]:
 
 def fit_quick_gate(model_dir: Path, cxr_dir: Path, ood_dir: Path, fixtures: list[Path] | None = None,
                    backend: str = "keras") -> None:
-    """Fit and write gate.json + gate.npz from a small set (features cached beside model_dir)."""
+    """Fit and write gate.json + gate.npz from a small set (features cached beside model_dir);
+    backend onnx-int8: the int8 variant's own gate (gate.int8.json + gate.int8.npz)."""
     synthetic = [Sample(f"{kind}:{s}", kind, "train", "synthetic", kind, lambda s=s, make=make: make(s))
                  for kind, make in (("noise", _noise), ("flat", _flat), ("document", _document))
                  for s in range(12)]
@@ -55,10 +57,12 @@ def fit_quick_gate(model_dir: Path, cxr_dir: Path, ood_dir: Path, fixtures: list
     derived = (_derived("inverted", frontal, 10, 1, lambda x, _: 1.0 - x)
                + _derived("poor_exposure", frontal, 10, 2, _badly_exposed))
     samples = frontal + _ood(ood_dir) + synthetic + photos + derived
-    cache = Path(model_dir).parent / f".{Path(model_dir).name}-gate-features.npz"
+    variant = INT8_VARIANT if backend == "onnx-int8" else ""
+    cache = Path(model_dir).parent / f".{Path(model_dir).name}-gate-features{variant}.npz"
     data = extract(samples, Path(model_dir), cache, backend=backend)
-    fit_gate(Path(model_dir), samples, data, components=16, c=1.0, distance_margin=3.0)
-    info_path = Path(model_dir) / "gate.json"
+    fit_gate(Path(model_dir), samples, data, components=16, c=1.0, distance_margin=3.0,
+             variant=variant)
+    info_path = Path(model_dir) / gate_files(variant)[0]
     info = json.loads(info_path.read_text())
     info["summary"]["quick"] = "small fitting set: for development and test models only"
     info_path.write_text(json.dumps(info, indent=2) + "\n")

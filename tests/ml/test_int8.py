@@ -23,7 +23,7 @@ from ml.backends import (
     serving_terms,
 )
 from ml.predictor import Predictor
-from tests.conftest import FIXTURES, REPO
+from tests.conftest import CXR_DIR, FIXTURES, REPO
 from tests.ml.conftest import tiny_manifest
 
 VNNI = frozenset({"avx2", "avx512f", "avx512_vnni"})
@@ -183,6 +183,37 @@ def test_a_variant_that_changes_the_gates_decisions_is_refused(int8_dir: Path, t
     # `auto` does not pick a variant measured with another gate, even one that passed.
     passed_stale = _edited_copy(stale, tmp_path, "passed-stale", passed=True, missed=[])
     assert resolve_backend("auto", passed_stale, read_metadata(passed_stale), flags=VNNI) == "onnx"
+
+
+def test_a_variant_of_its_own_is_served_behind_a_gate_fitted_on_its_own_features(
+        int8_dir: Path, tmp_path: Path):
+    from ml.gate import Gate
+    from ml.training.gate import main as gate_main
+
+    own = tmp_path / "own"
+    shutil.copytree(int8_dir, own)
+    meta, serving = read_metadata(own), _info(own)["serving"]
+    float32_gate = Gate.load(own, meta)
+    assert float32_gate is not None
+    assert gate_main(["--model", str(own), "--backend", "onnx-int8", "--quick",
+                      "--cxr", str(CXR_DIR), "--ood", str(CXR_DIR.parent / "ood")]) == 0
+    info = json.loads((own / "gate.int8.json").read_text())
+    assert info["variant"] == "int8" and info["model_version"] == serving["model_version"]
+    assert info["engine_sha256"] == _info(own)["sha256"]
+    predictor = Predictor.load(own, backend="onnx-int8", require_gate=True)
+    assert predictor.gate is not None and predictor.gate.version == info["version"]
+    assert predictor.gate.version != float32_gate.version
+    results = predictor.predict(_images())
+    assert {(r.backend, r.model_version, r.gate_version) for r in results} == {
+        ("onnx-int8", serving["model_version"], info["version"])}
+    # The float32 model keeps its own gate.
+    fp32 = Predictor.load(own, backend="onnx", require_gate=True)
+    assert fp32.gate is not None and fp32.gate.version == float32_gate.version
+    # A gate fitted on another int8 file (the variant was re-exported since) is refused.
+    (own / "gate.int8.json").write_text(json.dumps({**info, "engine_sha256": "0" * 64}))
+    with pytest.raises(ArtifactError) as err:
+        Predictor.load(own, backend="onnx-int8", require_gate=True)
+    assert err.value.code == "invalid_model" and "--backend onnx-int8" in err.value.message
 
 
 def test_no_variant_means_float32_and_asking_for_one_says_how_to_make_it(int8_dir: Path, tmp_path: Path):
