@@ -217,8 +217,10 @@ def _seeded(kind: str, make: Callable[[int], Pixels], n: int, offset: int) -> li
 
 
 def _derived(kind: str, frontal: list[Sample], n: int, seed: int,
-             change: Callable[[np.ndarray, np.random.Generator], np.ndarray]) -> list[Sample]:
-    """n images per split made from frontal radiographs of that split."""
+             change: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+             prefix: str = "") -> list[Sample]:
+    """n images per split made from frontal radiographs of that split (keys: prefix or kind,
+    then the radiograph's key)."""
     rng = np.random.default_rng(seed)
     out = []
     for split in SPLITS:
@@ -229,7 +231,7 @@ def _derived(kind: str, frontal: list[Sample], n: int, seed: int,
             def load(base: Sample = base, j: int = int(j)) -> Pixels:
                 pixels, attrs = base.load()
                 return change(pixels, np.random.default_rng(j)).astype(np.float32), attrs
-            out.append(Sample(f"{kind}:{base.key}", kind, split, base.source, kind, load))
+            out.append(Sample(f"{prefix or kind}:{base.key}", kind, split, base.source, kind, load))
     return out
 
 
