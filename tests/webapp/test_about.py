@@ -89,3 +89,25 @@ def test_a_result_links_to_the_card_of_its_model(app, client, clinician_id, tiny
     assert "no longer served" not in html
     html = client.get("/model?version=resnet50-cxr-old").get_data(as_text=True)
     assert "produced by model resnet50-cxr-old, which is no longer served" in html
+
+
+def test_a_result_of_the_int8_variant_is_described_as_such(app, client, tiny_model_dir, tmp_path):
+    import json
+
+    from ml.artifact import sha256_file
+    from ml.backends import INT8_FILE, INT8_INFO_FILE
+
+    model_dir = _with_card(app, tiny_model_dir, tmp_path)
+    meta = read_metadata(model_dir)
+    (model_dir / INT8_FILE).write_bytes(b"int8 stand-in")
+    info = {"file": INT8_FILE, "sha256": sha256_file(model_dir / INT8_FILE),
+            "weights_sha256": meta.weights_sha256, "parity": {"passed": False},
+            "serving": {"model_version": meta.model_version + "+int8", "threshold": 0.2467}}
+    (model_dir / INT8_INFO_FILE).write_text(json.dumps(info))
+    html = client.get(f"/model?version={meta.model_version}%2Bint8").get_data(as_text=True)
+    assert "int8 variant" in html and "0.2467" in html and "no longer served" not in html
+    # A "+int8" version the artifact does not serve (its variant was re-exported since) is old.
+    info["serving"]["model_version"] = meta.model_version + "+int8-other"
+    (model_dir / INT8_INFO_FILE).write_text(json.dumps(info))
+    html = client.get(f"/model?version={meta.model_version}%2Bint8").get_data(as_text=True)
+    assert "no longer served" in html and 'id="variant"' not in html

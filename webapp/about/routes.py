@@ -79,9 +79,26 @@ def model_page() -> Any:
     html = render_card(card) if card else None
     asked = request.args.get("version", "")[:200]
     other = asked if meta is not None and asked and asked != meta.model_version else None
+    variant = _variant(meta, other) if other else None
     return render_template(
-        "about/model.html", meta=meta, card=html, missing=missing, other_version=other
+        "about/model.html", meta=meta, card=html, missing=missing,
+        other_version=None if variant else other, variant=variant,
     )
+
+
+def _variant(meta: ModelMetadata | None, version: str) -> dict[str, Any] | None:
+    """The served artifact's int8 variant, if `version` is the one it serves under (a model of
+    its own: `<model_version>+int8`, with its own threshold), else None."""
+    from ml.backends import INT8_INFO_FILE, read_onnx_info, serving_terms
+
+    if meta is None or not version.startswith(meta.model_version + "+"):
+        return None
+    try:
+        threshold, served_as = serving_terms(
+            meta, read_onnx_info(current_app.config["MODEL_DIR"], meta, INT8_INFO_FILE))
+    except ArtifactError:
+        return None
+    return {"version": served_as, "threshold": threshold} if served_as == version else None
 
 
 @bp.get("/api/v1/model")
