@@ -43,7 +43,7 @@ from ml.training.gate import (
     make_gate,
     thresholds_for,
 )
-from ml.training.gate_data import KIND_CLASS, Sample, _derived, all_samples
+from ml.training.gate_data import KIND_CLASS, Sample, _derived, all_samples, frontal_samples
 
 
 def unreadable(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -133,12 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     rules = [(r, float(t)) for r, t in args.rules or [("pooled", "0.005"), ("per-source", "0.02")]]
     samples = all_samples(args.model, args.cxr, args.ood, keep_sources=TRAIN_ONLY_SOURCES)
     chosen = {s.key for s in samples}
-    every = all_samples(args.model, args.cxr, args.ood, keep_sources=TRAIN_ONLY_SOURCES,
-                        min_per_source=10**6, train_fraction=1.0)
     # The model's training radiographs the gate does not fit on: scored, never fitted (split "cv").
-    rest = [replace(s, split="cv") for s in every
-            if s.kind == "frontal" and s.key not in chosen and s.split == "train"
-            and s.source not in TRAIN_ONLY_SOURCES]
+    rest = [replace(s, split="cv") for s in frontal_samples(args.model, args.cxr)
+            if s.key not in chosen and s.split == "train" and s.source not in TRAIN_ONLY_SOURCES]
     candidates = _derived("poor_exposure", [s for s in samples if s.kind == "frontal"], 80, 2,
                           unreadable, prefix="unreadable")
     samples = samples + rest + candidates
