@@ -58,7 +58,7 @@ def fit_quick_gate(model_dir: Path, cxr_dir: Path, ood_dir: Path, fixtures: list
                + _derived("poor_exposure", frontal, 10, 2, _badly_exposed))
     samples = frontal + _ood(ood_dir) + synthetic + photos + derived
     variant = INT8_VARIANT if backend == "onnx-int8" else ""
-    cache = Path(model_dir).parent / f".{Path(model_dir).name}-gate-features{variant}.npz"
+    cache = Path(model_dir).parent / f".{Path(model_dir).name}-gate-features{'-' + variant if variant else ''}.npz"
     data = extract(samples, Path(model_dir), cache, backend=backend)
     fit_gate(Path(model_dir), samples, data, components=16, c=1.0, distance_margin=3.0,
              variant=variant)
