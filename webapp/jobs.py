@@ -9,16 +9,14 @@
     RUNNING --fail--------->  FAILED     bad input, no model, timeout, unexpected error
     RUNNING --requeue------>  QUEUED     the sweeper found a lost job
 
-``TRANSITIONS`` lists every move; ``transition_many()`` is the one place that
-performs them (``transition()`` is it for one study). It refuses a move the
-table does not list before any SQL runs, and otherwise makes a compare-and-set
-UPDATE guarded by the allowed source states (and, for a claim holder, the claim token), so two workers holding
+``TRANSITIONS`` lists every move; ``transition()`` is the one place that
+performs one. It refuses a move the table does not list before any SQL runs,
+and otherwise makes a compare-and-set UPDATE guarded by the allowed source
+states (and, for a claim holder, the claim token), so two workers holding
 copies of the same message cannot both win: ``claim`` hands out a token (the
 attempt number) and only the holder of the latest token may finish or fail
 the study. ``claim``, ``finish``, ``fail``, ``requeue`` and ``touch_queued`` are
-the moves callers use; each is one ``transition()`` plus its commit. A worker claims and
-finishes the studies that reach those points together in one statement and one commit
-(``claim_many``, ``finish_many``; worker/grouping.py), each study still guarded on its own.
+the moves callers use; each is one ``transition()`` plus its commit.
 
 ``heartbeat`` is no move: the worker holding a claim renews its study's
 ``heartbeat_at`` while it runs (guarded by the token, like finish), and
@@ -29,7 +27,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -145,53 +143,26 @@ def transition(
     caller commits, or rolls back, after adding what belongs to the same
     transaction.
     """
-    if token is not None and token.study_id != study_id:
-        raise ValueError(f"token {token} is not study {study_id}'s")
-    moved = transition_many(session, [token if token is not None else study_id], sources, target,
-                            guard=guard, **fields)
-    return moved.get(study_id)
-
-
-def transition_many(
-    session: Session,
-    studies: Iterable[Claim | str],
-    sources: StudyStatus | Iterable[StudyStatus],
-    target: StudyStatus,
-    *,
-    guard: ColumnElement[bool] | None = None,
-    **fields: Any,
-) -> dict[str, int]:
-    """The same move for several studies in one UPDATE: {study id: attempts after the move} for
-    those it moved. Each study is guarded on its own, exactly as by transition() (a Claim: its
-    token must be current; a bare id: no token guard), so one stale token or one study in
-    another state moves nothing but itself. Does not commit.
-    """
     sources = frozenset({sources} if isinstance(sources, StudyStatus) else sources)
     if not sources:
         raise ValueError("a transition needs at least one source state")
     forbidden = sorted(s.value for s in sources if not can_transition(s, target))
     if forbidden:
         raise TransitionError(
-            f"{', '.join(forbidden)} -> {target.value} is not in TRANSITIONS"
+            f"study {study_id}: {', '.join(forbidden)} -> {target.value} is not in TRANSITIONS"
         )
-    bare = sorted({s for s in studies if isinstance(s, str)})
-    held = [s for s in studies if isinstance(s, Claim)]
-    which = [and_(Study.id == c.study_id, Study.attempts == c.token) for c in held]
-    if bare:
-        which.append(Study.id.in_(bare) if len(bare) > 1 else Study.id == bare[0])
-    if not which:
-        return {}
-    guards = [Study.status.in_(sorted(s.value for s in sources)), or_(*which)]
+    guards = [Study.id == study_id, Study.status.in_(sorted(s.value for s in sources))]
+    if token is not None:
+        guards.append(Study.attempts == token.token)
     if guard is not None:
         guards.append(guard)
-    rows = session.execute(
+    return session.execute(
         update(Study)
         .where(*guards)
         .values({**_on_entry(target), **fields, "status": target.value})
-        .returning(Study.id, Study.attempts)
+        .returning(Study.attempts)
         .execution_options(synchronize_session=False)
-    ).all()
-    return {study_id: attempts for study_id, attempts in rows}
+    ).scalar_one_or_none()
 
 
 def claim(session: Session, study_id: str, max_attempts: int,
@@ -205,68 +176,40 @@ def claim(session: Session, study_id: str, max_attempts: int,
     still beats is left to it (the broker re-offers messages after its
     visibility timeout whatever the worker is doing). Commits.
     """
-    return claim_many(session, [study_id], max_attempts, lease_s)[0]
-
-
-def claim_many(session: Session, study_ids: Sequence[str], max_attempts: int,
-               lease_s: float | None = None) -> list[Claim | None]:
-    """claim() for several studies in one UPDATE and one commit; a Claim or None for each, in
-    order. A study named twice is claimed once: its first mention gets the token, the others
-    None (as a second claim() would find it running and beating)."""
     lost = None
     if lease_s is not None:
         cutoff = utcnow() - timedelta(seconds=lease_s)
         lost = or_(Study.status == StudyStatus.QUEUED.value, Study.heartbeat_at.is_(None),
                    Study.heartbeat_at < cutoff)
-    moved = transition_many(session, study_ids, PENDING, StudyStatus.RUNNING, guard=lost)
-    if not moved:
+    attempts = transition(session, study_id, PENDING, StudyStatus.RUNNING, guard=lost)
+    if attempts is None:
         session.rollback()
-        return [None] * len(study_ids)
+        return None
     session.commit()
-    claims: list[Claim | None] = []
-    for study_id in study_ids:
-        attempts = moved.pop(study_id, None)
-        token = None if attempts is None else Claim(study_id, attempts)
-        if token is not None and attempts > max_attempts:
-            fail(
-                session,
-                token,
-                "too_many_attempts",
-                f"processing was interrupted {attempts - 1} times; giving up",
-            )
-            token = None
-        claims.append(token)
-    return claims
+    token = Claim(study_id, attempts)
+    if attempts > max_attempts:
+        fail(
+            session,
+            token,
+            "too_many_attempts",
+            f"processing was interrupted {attempts - 1} times; giving up",
+        )
+        return None
+    return token
 
 
 def finish(session: Session, token: Claim, predictions: Iterable[Prediction]) -> bool:
     """RUNNING -> SUCCEEDED and the predictions, in one transaction. False if the token is stale."""
-    return finish_many(session, [(token, predictions)])[0]
-
-
-def finish_many(session: Session,
-                results: Sequence[tuple[Claim, Iterable[Prediction]]]) -> list[bool]:
-    """finish() for several studies in one transaction (one UPDATE, the predictions of the
-    studies it moved, one commit); for each, whether its token was current and its result kept.
-    """
-    # The UPDATE comes first: on PostgreSQL it locks the rows, so a concurrent
+    # The UPDATE comes first: on PostgreSQL it locks the row, so a concurrent
     # finisher waits, then sees the changed attempt count and writes nothing.
-    moved = transition_many(session, [token for token, _ in results], StudyStatus.RUNNING,
-                            StudyStatus.SUCCEEDED)
-    won = []
-    for token, predictions in results:
-        kept = moved.get(token.study_id) == token.token
-        if kept:
-            del moved[token.study_id]  # one result per claim, even if handed in twice
-            session.add_all(list(predictions))
-        else:
-            log.warning("event=finish_discarded study=%s token=%s", token.study_id, token.token)
-        won.append(kept)
-    if any(won):
-        session.commit()
-    else:
+    if transition(session, token.study_id, StudyStatus.RUNNING, StudyStatus.SUCCEEDED,
+                  token=token) is None:
         session.rollback()
-    return won
+        log.warning("event=finish_discarded study=%s token=%s", token.study_id, token.token)
+        return False
+    session.add_all(list(predictions))
+    session.commit()
+    return True
 
 
 def fail(session: Session, token: Claim | str, code: str, message: str) -> bool:

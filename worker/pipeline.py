@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,6 @@ from webapp.extensions import db
 from webapp.models import Image, Prediction, Study
 from webapp.pacs.models import DicomOrigin
 from webapp.pacs.sends import after_study
-from worker.grouping import Group
 from worker.isolation import Isolation
 from worker.leases import Leases
 from worker.model_cache import get_batcher
@@ -30,39 +28,6 @@ from worker.model_cache import get_batcher
 log = logging.getLogger(__name__)
 _isolation = Isolation()
 _leases = Leases()
-_groups_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class _Groups:
-    """This app's claims and finishes, each grouped across the task threads (worker/grouping.py)."""
-
-    claim: Group[str, jobs.Claim | None]
-    finish: Group[tuple[jobs.Claim, list[Prediction]], bool]
-
-
-def _groups() -> _Groups:
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    with _groups_lock:
-        groups = app.extensions.get("worker.groups")
-        if groups is None:
-            config = app.config
-
-            def claim(study_ids: Sequence[str]) -> list[jobs.Claim | None]:
-                try:
-                    return jobs.claim_many(db.session, study_ids, config["TASK_MAX_ATTEMPTS"],
-                                           lease_s=config["LEASE_S"])
-                finally:
-                    db.session.remove()
-
-            def finish(results: Sequence[tuple[jobs.Claim, list[Prediction]]]) -> list[bool]:
-                try:
-                    return jobs.finish_many(db.session, results)
-                finally:
-                    db.session.remove()
-
-            groups = app.extensions["worker.groups"] = _Groups(Group(claim), Group(finish))
-        return groups
 
 
 @dataclass(frozen=True)
@@ -115,7 +80,8 @@ def run_study(study_id: str) -> str:
 
 
 def _run(study_id: str, config: Any) -> str:
-    token = _groups().claim(study_id)  # with the other studies claimed at this moment
+    token = jobs.claim(db.session, study_id, config["TASK_MAX_ATTEMPTS"], lease_s=config["LEASE_S"])
+    db.session.remove()
     if token is None:
         log.info("event=study_skipped study=%s", study_id)
         return "skipped"
@@ -171,7 +137,8 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> str:
             )
             for item, r in zip(images, results, strict=True)
         ]
-        won = _groups().finish((token, rows))  # with the other studies finished at this moment
+        won = jobs.finish(db.session, token, rows)
+        db.session.remove()
     except (SoftTimeLimitExceeded, TimeoutError):
         return _fail(token, "timeout", "processing took longer than the time limit")
     except DBAPIError:

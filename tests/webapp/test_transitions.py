@@ -1,8 +1,7 @@
 """The study state machine: every edge of jobs.TRANSITIONS, allowed and forbidden, on SQLite and PostgreSQL.
 
-The real functions (claim, finish, fail, requeue, touch_queued, and the grouped
-claim_many and finish_many) are run from every status; a spy around
-jobs.transition_many, which makes every move, records the moves they make.
+The real functions (claim, finish, fail, requeue, touch_queued) are run from
+every status; a spy around jobs.transition records the moves they make.
 Together with the table check below this shows that the table lists exactly
 the moves the code makes: no edge nobody uses, no move the table misses.
 """
@@ -98,10 +97,6 @@ CALLS: dict[str, Callable[[str], Any]] = {
     "requeue, current token": lambda sid: jobs.requeue(db.session, sid, token=current(sid)),
     "requeue, stale token": lambda sid: jobs.requeue(db.session, sid, token=stale(sid)),
     "touch_queued": lambda sid: jobs.touch_queued(db.session, sid),
-    # The worker's grouped calls (worker/grouping.py), a study named twice / with two tokens.
-    "claim_many, twice": lambda sid: jobs.claim_many(db.session, [sid, sid], max_attempts=5),
-    "finish_many, stale and current token": lambda sid: jobs.finish_many(
-        db.session, [(stale(sid), []), (current(sid), [])]),
 }
 # The moves each call makes from each start status, in order; a status not listed: refused, nothing changes.
 MOVES: dict[str, dict[StudyStatus, list[tuple[StudyStatus, StudyStatus]]]] = {
@@ -117,8 +112,6 @@ MOVES: dict[str, dict[StudyStatus, list[tuple[StudyStatus, StudyStatus]]]] = {
     "requeue, current token": {R: [(R, Q)]},
     "requeue, stale token": {},
     "touch_queued": {Q: [(Q, Q)]},  # the sweeper re-sent the message: restart the deadline
-    "claim_many, twice": {Q: [(Q, R)], R: [(R, R)]},  # claimed once
-    "finish_many, stale and current token": {R: [(R, S)]},
 }
 
 
@@ -128,28 +121,23 @@ def expected_return(name: str, start: StudyStatus) -> Any:
         return "claim" if moved else None
     if name == "claim past max_attempts":
         return None  # claimed, then failed at once
-    if name == "claim_many, twice":
-        return ["claim" if moved else None, None]
-    if name == "finish_many, stale and current token":
-        return [False, moved]
     return moved
 
 
 @pytest.fixture
 def made(monkeypatch) -> list[tuple[StudyStatus, StudyStatus]]:
-    """Every move jobs.transition_many actually made (status before, status after), in order."""
+    """Every move jobs.transition actually made (status before, status after), in order."""
     moves: list[tuple[StudyStatus, StudyStatus]] = []
-    real = jobs.transition_many
+    real = jobs.transition
 
-    def spy(session, studies, sources, target, **kwargs):
-        studies = list(studies)
-        ids = {s.study_id if isinstance(s, Claim) else s for s in studies}
-        before = dict(session.execute(select(Study.id, Study.status).where(Study.id.in_(ids))).all())
-        moved = real(session, studies, sources, target, **kwargs)
-        moves.extend((StudyStatus(before[study_id]), target) for study_id in moved)
+    def spy(session, study_id, sources, target, **kwargs):
+        before = session.execute(select(Study.status).where(Study.id == study_id)).scalar_one()
+        moved = real(session, study_id, sources, target, **kwargs)
+        if moved is not None:
+            moves.append((StudyStatus(before), target))
         return moved
 
-    monkeypatch.setattr(jobs, "transition_many", spy)
+    monkeypatch.setattr(jobs, "transition", spy)
     return moves
 
 
@@ -177,10 +165,7 @@ def test_each_function_makes_only_its_moves_from_every_status(app, made, name):
             else:
                 assert after == before, f"{name} from {start} changed a refused study"
             want = expected_return(name, start)
-            if isinstance(want, list):
-                claim = Claim(study_id, after["attempts"])
-                assert result == [claim if w == "claim" else w for w in want], f"{name} from {start}"
-            elif want == "claim":
+            if want == "claim":
                 assert result == Claim(study_id, after["attempts"])
             else:
                 assert result is want, f"{name} from {start} returned {result!r}"
@@ -267,32 +252,6 @@ def test_redelivery_claim_makes_the_old_token_stale(app):
         assert jobs.requeue(db.session, study_id, token=lost) is False
         assert jobs.finish(db.session, taken_over, []) is True
         assert row(study_id)["status"] == S
-
-
-def test_grouped_moves_guard_each_study_on_its_own(app, statements):
-    with app.app_context():
-        queued, running, done, dead = (new_study(Q), new_study(R), new_study(S), new_study(F))
-        statements.clear()
-        claims = jobs.claim_many(db.session, [queued, done, running, dead, "no-such-study"],
-                                 max_attempts=5, lease_s=60)
-        # One UPDATE (and its commit) for all five; the finished and the absent are refused.
-        assert sum(s.lstrip().upper().startswith("UPDATE") for s in statements) == 1
-        assert claims == [Claim(queued, 1), None, Claim(running, 2), None, None]
-        assert [row(s)["status"] for s in (queued, running, done, dead)] == [R, R, S, F]
-
-        beating = new_study(R)  # its worker is alive: a claim with a lease leaves it alone
-        db.session.get(Study, beating).heartbeat_at = utcnow()
-        db.session.commit()
-        assert jobs.claim_many(db.session, [beating, queued], max_attempts=5, lease_s=60) == [
-            None, None]  # `queued` is running now, beating since its claim
-
-        statements.clear()
-        won = jobs.finish_many(db.session, [(Claim(queued, 1), []), (Claim(running, 1), []),
-                                            (Claim(running, 2), []), (Claim(done, 1), [])])
-        assert sum(s.lstrip().upper().startswith("UPDATE") for s in statements) == 1
-        assert won == [True, False, True, False]  # `running`'s first token went stale at its takeover
-        assert [row(s)["status"] for s in (queued, running, done)] == [S, S, S]
-        assert jobs.finish_many(db.session, [(Claim(queued, 1), [])]) == [False]  # final
 
 
 def test_claim_past_max_attempts_fails_with_a_reason(app):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -58,58 +56,6 @@ def test_study_succeeds_with_one_prediction_per_image(app, client):
     for stamp in ("queued_at", "started_at", "finished_at"):
         assert body[stamp] is not None
     assert body["queued_at"] <= body["started_at"] <= body["finished_at"]
-
-
-def test_studies_finishing_together_are_written_together_each_with_its_own_results(
-        app, client, monkeypatch):
-    """Task threads hand their claims and results to one group commit (worker/grouping.py):
-    the studies that arrive while a commit runs are written by the next one, each with its
-    own predictions, a stale one among them discarded alone."""
-    paths = real_xray_paths(5, "covid")
-    ids = [upload(client, (p.name, p.read_bytes())) for p in paths]
-    real_finish_many = jobs.finish_many
-    first_commit_started, holding = threading.Event(), threading.Event()
-
-    def first_commit_holds(session, results):
-        if not first_commit_started.is_set():
-            first_commit_started.set()
-            holding.wait(10)  # the others finish meanwhile and gather behind this commit
-        return real_finish_many(session, results)
-
-    monkeypatch.setattr(jobs, "finish_many", first_commit_holds)
-    outcomes: dict[str, str] = {}
-
-    def run(study_id: str) -> None:
-        with app.app_context():
-            outcomes[study_id] = pipeline.run_study(study_id)
-
-    threads = [threading.Thread(target=run, args=(ids[0],))]
-    threads[0].start()
-    assert first_commit_started.wait(60)
-    threads += [threading.Thread(target=run, args=(i,)) for i in ids[1:]]
-    for t in threads[1:]:
-        t.start()
-    with app.app_context():
-        groups = app.extensions["worker.groups"]
-        deadline = time.monotonic() + 60
-        while groups.finish.items + len(groups.finish._waiting) < len(ids) - 1:
-            assert time.monotonic() < deadline, "the other studies never reached their finish"
-            time.sleep(0.05)
-        # One of the waiting studies was taken over meanwhile: its result must be discarded.
-        lost = ids[-1]
-        assert jobs.claim(db.session, lost, app.config["TASK_MAX_ATTEMPTS"]) is not None
-        holding.set()
-        for t in threads:
-            t.join(60)
-        assert outcomes == {**{i: "succeeded" for i in ids[:-1]}, lost: "stale"}
-        assert (groups.finish.runs, groups.finish.items) == (2, 5)  # the first, then the rest
-        for study_id, path in zip(ids[:-1], paths, strict=False):
-            study = db.session.get(Study, study_id)
-            assert study.status == StudyStatus.SUCCEEDED and prediction_count(study_id) == 1
-            image = db.session.scalars(select(Image).where(Image.study_id == study_id)).one()
-            assert image.filename == path.name and image.prediction is not None
-        assert prediction_count(lost) == 0
-        assert db.session.get(Study, lost).status == StudyStatus.RUNNING  # its new claim's
 
 
 def test_no_model_installed_fails_with_that_reason(app, client, tmp_path):
