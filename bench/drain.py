@@ -8,7 +8,8 @@ timestamps, against model-only ONNX Runtime at the same batch size in the same r
 Nothing else runs during a drain: the web server is idle (no uploads, no polling; the bench
 reads the database file), so the worker has the machine to itself, as model-only does.
 Rates skip each drain's first `--skip` studies (the worker's start and first batches).
-Model-only runs the same engine on batches of `--batch` real X-rays, with and without the
+Model-only runs the same forward pass as the worker (the classifier and, for an input gate with
+a network of its own, that network) on batches of `--batch` real X-rays, with and without the
 Grad-CAM output; it is measured before and after each drain and averaged, so that drift in
 the machine's load falls on both. With --profile, py-spy samples the worker during the
 drains and the slowest functions (own time and with callees) are printed and saved.
@@ -42,13 +43,13 @@ from ml.predictor import Predictor  # noqa: E402
 def model_only(predictor: Predictor, batch: np.ndarray, explain: bool, seconds: float) -> float:
     """Images/s of the bare engine on one preprocessed batch, run by as many threads at once as
     the worker has lanes (each with the same share of the CPUs as a worker's lane)."""
-    predictor.backend.forward(batch, explain=explain)
+    predictor.forward(batch, explain=explain)
     counts = [0] * predictor.lanes
     start = time.perf_counter()
 
     def lane(i: int) -> None:
         while time.perf_counter() - start < seconds:
-            predictor.backend.forward(batch, explain=explain)
+            predictor.forward(batch, explain=explain)
             counts[i] += len(batch)
 
     threads = [threading.Thread(target=lane, args=(i,)) for i in range(predictor.lanes)]

@@ -5,9 +5,11 @@
 Model: one backend.forward (probability + features) per batch, divided by the batch size.
 Gate: the image statistics on the decoded upload (here real radiographs enlarged to
 --side px, as uploads typically are) plus Gate.assess (one projection onto the gate's
-principal axes and a softmax) for the same batch. The features themselves cost nothing
-extra: they are the pooled output the classifier head reads anyway (compared too:
-the forward pass with and without the features output). Appends a table to docs/benchmarks.md.
+principal axes and a softmax) for the same batch, and, for a gate with a feature network of
+its own (ml/gate_features.py), that network on the classifier's same input batch (which it
+resizes itself). A gate on the classifier's features pays nothing for them:
+they are the pooled output the classifier head reads anyway (compared too: the forward pass
+with and without the features output). Appends a table to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main() -> None:
     decoded = [decode_image(p.read_bytes()) for p in real_xray_paths(max(args.batches))]
     images = [np.clip(np.asarray(Image.fromarray(d.pixels).resize((args.side, args.side)), np.float32), 0, 1)
               for d in decoded]
+    gate = predictor.gate
     rows = []
     for n in args.batches:
         batch = predictor.preprocess(images[:n])
@@ -65,16 +68,19 @@ def main() -> None:
         features = predictor.backend.forward(batch, explain=False).features
         stats_s = timed(lambda n=n: [image_statistics(i) for i in images[:n]], args.repeats)
         stats = np.stack([image_statistics(i, a) for i, a in zip(images[:n], attrs, strict=True)])
-        assess_s = timed(lambda f=features, s=stats, a=attrs: predictor.gate.assess(f, s, a),
-                         args.repeats)
-        gate_ms, model_ms = (stats_s + assess_s) * 1000 / n, model_s * 1000 / n
-        rows.append((n, model_ms, bare_s * 1000 / n, stats_s * 1000 / n, assess_s * 1000 / n,
-                     gate_ms, gate_ms / model_ms))
+        own_s = 0.0
+        if gate.extractor is not None:
+            own_s = timed(lambda b=batch: gate.extractor(b), args.repeats)
+            features = gate.extractor(batch)
+        assess_s = timed(lambda f=features, s=stats, a=attrs: gate.assess(f, s, a), args.repeats)
+        gate_ms, model_ms = (stats_s + own_s + assess_s) * 1000 / n, model_s * 1000 / n
+        rows.append((n, model_ms, bare_s * 1000 / n, stats_s * 1000 / n, own_s * 1000 / n,
+                     assess_s * 1000 / n, gate_ms, gate_ms / model_ms))
     header = ("| batch | model ms/image (probability + features) | model ms/image (probability only) "
-              "| image statistics ms | assess ms | gate ms/image | gate / model |\n"
-              "|---|---|---|---|---|---|---|")
-    lines = [f"| {n} | {m:.1f} | {b:.1f} | {s:.2f} | {a:.3f} | {g:.2f} | {r:.1%} |"
-             for n, m, b, s, a, g, r in rows]
+              "| image statistics ms | gate's own network ms | assess ms | gate ms/image "
+              "| gate / model |\n|---|---|---|---|---|---|---|---|")
+    lines = [f"| {n} | {m:.1f} | {b:.1f} | {s:.2f} | {o:.2f} | {a:.3f} | {g:.2f} | {r:.1%} |"
+             for n, m, b, s, o, a, g, r in rows]
     text = (f"\n## Input gate cost (bench/gate.py)\n\n{datetime.now(UTC):%Y-%m-%d}, "
             f"{Path(args.model_dir).resolve().name}, backend {predictor.backend.name}, "
             f"{predictor.gate.version}, radiographs enlarged to {args.side} px, "

@@ -27,6 +27,7 @@ import numpy as np
 
 from ml.artifact import ArtifactError, load_weight_arrays, read_metadata, sha256_file
 from ml.backends import ONNX_FILE, ONNX_INFO_FILE, KerasBackend, OnnxBackend, read_onnx_info
+from ml.gate import Gate
 from ml.preprocess import IMAGENET_BGR_MEAN
 
 PARITY_TOLERANCE = 1e-4
@@ -148,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"missed {parity['missed']}: a model of its own, {serving['model_version']} at "
                   f"threshold {serving['threshold']:.4f}; only INFERENCE_BACKEND=onnx-int8 serves it")
-            if (model_dir / "gate.json").is_file() and (ood / "manifest.csv").is_file():
+            gate = Gate.load(model_dir, read_metadata(model_dir))
+            if gate is not None and not gate.reads_classifier:
+                print(f"the input gate ({gate.version}) reads a network of its own, not the "
+                      "classifier: it serves this variant as it is")
+            elif gate is not None and (ood / "manifest.csv").is_file():
                 # Its features are not the float32 model's: it gets an input gate of its own.
                 from ml.training.gate import main as fit_gate
 

@@ -135,14 +135,23 @@ class Gate:
     weights: np.ndarray  # (classes, k + stats)
     bias: np.ndarray  # (classes,)
     info: dict
+    # Its own feature network (ml/gate_features.py), or None: it reads the classifier's features.
+    extractor: Any = None
+
+    @property
+    def reads_classifier(self) -> bool:
+        """Whether the gate's features are the classifier's pooled output (not its own network's)."""
+        return self.extractor is None
+
 
     @classmethod
     def load(cls, model_dir: str | Path, meta: ModelMetadata, variant: str = "",
-             engine_sha256: str | None = None) -> Gate | None:
+             engine_sha256: str | None = None, threads: int = 1) -> Gate | None:
         """The artifact's gate, or None when it has none; raises ArtifactError if it is unusable.
 
         variant "int8": the int8 variant's own gate, which must have been fitted on the features
-        of the file whose sha256 is engine_sha256 (its json says which)."""
+        of the file whose sha256 is engine_sha256 (its json says which). threads: for the gate's
+        own feature network, if it has one (as many as each of the classifier's runs gets)."""
         json_name, arrays_name = gate_files(variant)
         path = Path(model_dir) / json_name
         if not path.is_file():
@@ -161,6 +170,11 @@ class Gate:
                 raise ValueError(f"{arrays_name} does not match its sha256")
             with np.load(arrays_path, allow_pickle=False) as npz:
                 arrays = {k: npz[k].astype(np.float32) for k in npz.files}
+            extractor = None
+            if info.get("features") is not None:
+                from ml.gate_features import GateFeatures
+
+                extractor = GateFeatures.load(model_dir, info["features"], threads=threads)
             thresholds = info["thresholds"]
             gate = cls(
                 version=str(info["version"]), classes=tuple(info["classes"]),
@@ -170,7 +184,7 @@ class Gate:
                 feature_mean=arrays["feature_mean"], components=arrays["components"],
                 component_scale=arrays["component_scale"], stat_mean=arrays["stat_mean"],
                 stat_scale=arrays["stat_scale"], weights=arrays["weights"], bias=arrays["bias"],
-                info=info,
+                info=info, extractor=extractor,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ArtifactError("invalid_model", f"input gate in {model_dir} is unusable: {exc}") from exc

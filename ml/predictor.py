@@ -103,7 +103,9 @@ class Predictor:
         """
         model_dir = Path(model_dir)
         meta = read_metadata(model_dir)
-        gate = Gate.load(model_dir, meta)
+        # Each lane's runs share the CPUs; a gate with a network of its own runs in the lanes too.
+        threads = max(1, usable_cpus() // lanes) if lanes > 1 else None
+        gate = Gate.load(model_dir, meta, threads=threads or usable_cpus())
         if gate is None:
             if require_gate:
                 raise ArtifactError(
@@ -113,18 +115,19 @@ class Predictor:
         name = resolve_backend(backend, model_dir, meta)
         own: tuple[float, str] | None = None
         if name in ("onnx", "onnx-int8"):
-            threads = max(1, usable_cpus() // lanes) if lanes > 1 else None
             onnx_engine = OnnxBackend.load(model_dir, meta, int8=name == "onnx-int8", threads=threads)
-            if gate is not None and not onnx_engine.has_features:
+            if gate is not None and gate.reads_classifier and not onnx_engine.has_features:
                 raise ArtifactError("invalid_model", "the ONNX export has no features output for "
                                     f"the input gate; re-run python -m ml.export {model_dir}")
             threshold, version = serving_terms(meta, onnx_engine.info or {})
             own_gate = None
-            if name == "onnx-int8" and version != meta.model_version:  # a model of its own
+            # A gate with its own feature network reads nothing of the engine: it serves any.
+            if name == "onnx-int8" and version != meta.model_version and (
+                    gate is None or gate.reads_classifier):  # a model of its own
                 own_gate = Gate.load(model_dir, meta, INT8_VARIANT, (onnx_engine.info or {}).get("sha256"))
             if own_gate is not None:
                 gate = own_gate  # fitted on the variant's own features: nothing to compare
-            elif name == "onnx-int8" and gate is not None:
+            elif name == "onnx-int8" and gate is not None and gate.reads_classifier:
                 check_int8_gate(onnx_engine.info or {}, gate, model_dir)
             if version != meta.model_version:
                 own = (threshold, version)
@@ -136,7 +139,7 @@ class Predictor:
             lanes = 1
         predictor = cls(meta, engine, gate, *(own or (None, None)), lanes=max(1, lanes))
         # Trace/initialise now so the first real request does not pay for it.
-        predictor.backend.run(
+        predictor.forward(  # the gate's own network too, if it has one
             preprocess_batch(
                 [np.zeros((32, 32), np.float32)],
                 size=meta.input_size,
@@ -172,9 +175,17 @@ class Predictor:
     ) -> list[Prediction]:
         """Classify an already preprocessed batch; images are the originals (for overlays and the gate)."""
         start = time.perf_counter()
-        out = self.backend.forward(batch, explain=explain)
+        out = self.forward(batch, explain=explain)
         per_image_ms = (time.perf_counter() - start) * 1000.0 / len(images)
         return self.finish(out, images, per_image_ms, attributes, overlays=explain)
+
+    def forward(self, batch: np.ndarray, explain: bool = False) -> Outputs:
+        """The backend's forward pass; for a gate with a network of its own (ml/gate_features.py)
+        its features replace the classifier's in the outputs, computed on the same batch."""
+        out = self.backend.forward(batch, explain=explain)
+        if self.gate is not None and self.gate.extractor is not None:
+            out = Outputs(out.probability, self.gate.extractor(batch), out.cam)
+        return out
 
     def finish(
         self, out: Outputs, images: Sequence[np.ndarray], inference_ms: float,

@@ -137,7 +137,7 @@ class Batcher:
                 explain = any(r.explain for r in requests)
                 batch = np.concatenate([r.batch for r in requests])
                 start = time.perf_counter()
-                out = self.predictor.backend.forward(batch, explain=explain)
+                out = self.predictor.forward(batch, explain=explain)  # the gate's network too
                 per_image_ms = (time.perf_counter() - start) * 1000.0 / len(batch)
                 first = 0
                 for r in requests:

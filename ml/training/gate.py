@@ -102,6 +102,31 @@ def _engine(model_dir: Path, backend: str) -> tuple[Any, Callable[[list[np.ndarr
     return predictor.backend, predictor.preprocess
 
 
+def extract_own_features(samples: Sequence[Sample], extractor: Any, model_dir: Path, cache: Path,
+                         batch_size: int = 32) -> np.ndarray:
+    """The gate's own feature network's output per sample (ml.gate_features), on the
+    classifier's input batch as served, cached by key in an npz named after the network."""
+    from ml.preprocess import preprocess_batch
+
+    meta = read_metadata(model_dir)
+    done: dict[str, np.ndarray] = {}
+    if cache.is_file():
+        with np.load(cache) as npz:
+            done = {str(k): f for k, f in zip(npz["keys"], npz["features"], strict=True)}
+    todo = [s for s in samples if s.key not in done]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        batch = preprocess_batch([s.load()[0] for s in chunk], size=meta.input_size,
+                                 version=meta.preprocess_version)
+        for s, f in zip(chunk, extractor(batch), strict=True):
+            done[s.key] = f
+        if start // batch_size % 10 == 9 or start + batch_size >= len(todo):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, keys=np.array(list(done)), features=np.stack(list(done.values())))
+            print(f"gate features: {len(done)} of {len(samples)}", flush=True)
+    return np.stack([done[s.key] for s in samples])
+
+
 def _save_cache(cache: Path, done: dict) -> None:
     keys = list(done)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -169,9 +194,12 @@ def thresholds_for(frontal: np.ndarray, distances: np.ndarray,
 
 
 def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple[float, float],
-               summary: dict, rule: str = "pooled", variant: str = "") -> dict:
+               summary: dict, rule: str = "pooled", variant: str = "",
+               features: dict | None = None) -> dict:
     """gate.npz, then gate.json (which names the npz's sha256 and the weights it belongs to);
-    variant "int8": the int8 variant's own, bound to its export file and serving version."""
+    variant "int8": the int8 variant's own, bound to its export file and serving version;
+    features: the gate's own feature network (ml.gate_features.export's block), else it reads
+    the classifier's pooled features."""
     meta = read_metadata(model_dir)
     json_name, arrays_name = gate_files(variant)
     path = model_dir / arrays_name
@@ -190,8 +218,11 @@ def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple
         **bound,
         "weights_sha256": meta.weights_sha256,
         "arrays_sha256": sha,
-        "feature_source": "pooled backbone output (input of head_dropout), whitened on "
-                          f"{arrays['components'].shape[0]} principal axes of training radiographs",
+        "feature_source": (
+            "pooled backbone output (input of head_dropout)" if features is None
+            else f"{features['source']} at {features['input_size']} px ({features['file']})")
+        + f", whitened on {arrays['components'].shape[0]} principal axes of training radiographs",
+        "features": features,
         "image_statistics": list(STAT_NAMES),
         "classes": list(CLASSES),
         "class_reasons": CLASS_REASONS,
@@ -208,7 +239,8 @@ def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple
 
 def fit_gate(model_dir: Path, samples: Sequence[Sample], data: dict[str, np.ndarray],
              components: int = 64, c: float = 0.1, distance_margin: float = 1.0,
-             rule: str = "pooled", variant: str = "") -> tuple[Gate, dict]:
+             rule: str = "pooled", variant: str = "",
+             features: dict | None = None) -> tuple[Gate, dict]:
     """Fit on train, thresholds on val; returns the written gate (loaded back) and its info.
 
     distance_margin multiplies the distance threshold (1 for served models; more for the
@@ -225,7 +257,7 @@ def fit_gate(model_dir: Path, samples: Sequence[Sample], data: dict[str, np.ndar
     summary = {"fit_images_per_class": {k: int(((classes == k) & train).sum()) for k in CLASSES},
                "val_frontal_images": int(val.sum()), "components": int(arrays["components"].shape[0]),
                "C": c, "distance_margin": distance_margin}
-    info = write_gate(model_dir, arrays, thresholds, summary, rule, variant)
+    info = write_gate(model_dir, arrays, thresholds, summary, rule, variant, features)
     gate = Gate.load(model_dir, read_metadata(model_dir), variant, info.get("engine_sha256"))
     assert gate is not None
     return gate, info
@@ -244,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="onnx", choices=["onnx", "keras", "onnx-int8"],
                         help="onnx-int8: fit the int8 variant's own gate (gate.int8.json) on its "
                         "features, for a variant that is a model of its own")
+    parser.add_argument("--features", choices=["classifier", "imagenet-lite0"], default="classifier",
+                        help="what the gate reads: the classifier's pooled features, or a network "
+                        "of its own (EfficientNet-Lite0 with ImageNet weights, written into the "
+                        "artifact as gate_features.onnx; serves the int8 variant too)")
+    parser.add_argument("--features-size", type=int, default=128,
+                        help="input size of the gate's own network (default: %(default)s)")
     parser.add_argument("--components", type=int, default=64)
     parser.add_argument("--C", type=float, default=0.1, dest="c")
     parser.add_argument("--min-per-source", type=int, default=0,
@@ -262,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         variant = INT8_VARIANT if quick_backend == "onnx-int8" else ""
         print(f"wrote a quick (development only) gate to {args.model / gate_files(variant)[0]}")
         return 0
+    if args.features != "classifier" and args.backend == "onnx-int8":
+        parser.error("a gate with its own feature network serves the int8 variant as it is: "
+                     "fit it once, without --backend onnx-int8")
     meta = read_metadata(args.model)
     variant = INT8_VARIANT if args.backend == "onnx-int8" else ""
     suffix = f"+{variant}" if variant else ""
@@ -269,8 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     samples = all_samples(args.model, args.cxr, args.ood, keep_sources=TRAIN_ONLY_SOURCES,
                           min_per_source=args.min_per_source)
     data = extract(samples, args.model, cache, backend=args.backend)
+    features = None
+    if args.features != "classifier":
+        from ml.backends import usable_cpus
+        from ml.gate_features import GateFeatures, export
+
+        features = export(args.model, args.features_size)
+        extractor = GateFeatures.load(args.model, features, threads=usable_cpus())
+        own_cache = cache.with_name(f"{cache.stem}-gate-features-{features['sha256'][:12]}.npz")
+        data = {**data, "features": extract_own_features(samples, extractor, args.model, own_cache)}
     gate, info = fit_gate(args.model, samples, data, args.components, args.c,
-                          rule=args.threshold_rule, variant=variant)
+                          rule=args.threshold_rule, variant=variant, features=features)
     report = write_report(args.report, gate, samples, data,
                           gate_splits(samples, args.threshold_rule))
     print(f"wrote {args.model / gate_files(variant)[0]} ({info['version']}) and {report}")

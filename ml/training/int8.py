@@ -199,7 +199,7 @@ def build_int8(model_dir: str | Path, calibration: Images, validation: Images,
         int8_out = run_model(Path(tmp), validation.gray)
         parity = compare(fp32_out, int8_out, validation.targets, meta.threshold)
         gate = Gate.load(model_dir, meta)
-        if gate is not None:
+        if gate is not None and gate.reads_classifier:  # else int8 cannot move its features
             parity["gate"] = gate_changes(gate, fp32_out["features"], int8_out["features"], validation)
             if gate_extra is not None and len(gate_extra.gray):
                 extra = gate_changes(gate, run_model(model_dir / ONNX_FILE, gate_extra.gray)["features"],

@@ -216,6 +216,38 @@ def test_a_variant_of_its_own_is_served_behind_a_gate_fitted_on_its_own_features
     assert err.value.code == "invalid_model" and "--backend onnx-int8" in err.value.message
 
 
+def test_a_gate_with_its_own_network_serves_the_variant_unchanged(int8_dir: Path, tmp_path: Path):
+    """Its features do not come from the classifier, so int8 cannot move them: no own gate needed."""
+    from ml.training.gate_quick import fit_quick_gate
+
+    own = tmp_path / "own-network"
+    shutil.copytree(int8_dir, own)
+    for name in ("gate.int8.json", "gate.int8.npz"):
+        (own / name).unlink(missing_ok=True)
+    fit_quick_gate(own, CXR_DIR, CXR_DIR.parent / "ood", sorted(FIXTURES.glob("*.png")),
+                   own_features=32)
+    serving = _info(own)["serving"]
+    gate_version = json.loads((own / "gate.json").read_text())["version"]
+    int8 = Predictor.load(own, backend="onnx-int8", require_gate=True)
+    fp32 = Predictor.load(own, backend="onnx", require_gate=True)
+    images = _images()
+    for predictor, version in ((int8, serving["model_version"]), (fp32, read_metadata(own).model_version)):
+        results = predictor.predict(images)
+        assert {(r.model_version, r.gate_version) for r in results} == {(version, gate_version)}
+    # Exporting a variant again measures no gate parity: int8 cannot move the gate's features.
+    from ml.training.int8 import Targets, export_int8
+    from ml.training.quantize import Recipe
+
+    manifest = tiny_manifest(tmp_path / "manifest.csv", per_source=8)
+    info = export_int8(own, manifest, recipe=Recipe(calibration_images=8, equalise_images=8,
+                                                   histogram_bins=256, chunk=4),
+                       targets=Targets(max_abs_delta_p99=-1.0))
+    assert "gate" not in info["parity"] and "gate_changes" not in info["parity"]["missed"]
+    # The same images, the same verdicts, whichever engine classified them.
+    assert ([r.abstain_reason for r in int8.predict(images)]
+            == [r.abstain_reason for r in fp32.predict(images)])
+
+
 def test_no_variant_means_float32_and_asking_for_one_says_how_to_make_it(int8_dir: Path, tmp_path: Path):
     plain = tmp_path / "plain"
     shutil.copytree(int8_dir, plain)
