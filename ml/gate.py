@@ -30,7 +30,7 @@ GATE_FORMAT = 1
 # What each code means to a person; the study page shows these words.
 REASONS: dict[str, str] = {
     "not_chest_xray": "the image does not look like a chest X-ray",
-    "not_frontal": "the image looks like a lateral (side) view; the model reads frontal (PA/AP) views only",
+    "not_frontal": "the image looks like a lateral (side) view",
     "other_modality": "the image looks like another kind of scan (for example CT), not a plain X-ray",
     "inverted": "the image looks inverted (bones dark, air bright)",
     "poor_quality": "the image is blank, badly exposed or too noisy to read",

@@ -43,6 +43,7 @@ def test_page_says_why_and_never_shows_the_probability(app, client, clinician_id
     page = client.get(f"/studies/{study_id}").data.decode()
     assert "No COVID-19 result for this image" in page and "lateral (side) view" in page
     assert "No COVID-19 result:" not in page  # said once, not repeated by the message
+    assert page.count("reads frontal") == 1  # and what the model reads, once
     assert "0.773" not in page  # the kept probability is not a reading
     assert page.count('class="heatmap"') == 1
 
