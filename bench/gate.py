@@ -65,13 +65,12 @@ def main() -> None:
         attrs = [d.attributes for d in decoded[:n]]
         model_s = timed(lambda b=batch: predictor.backend.forward(b, explain=False), args.repeats)
         bare_s = timed(lambda b=batch: predictor.backend.run(b, explain=False), args.repeats)
-        features = predictor.backend.forward(batch, explain=False).features
+        features = predictor.forward(batch, explain=False).features  # the gate's, as served
         stats_s = timed(lambda n=n: [image_statistics(i) for i in images[:n]], args.repeats)
         stats = np.stack([image_statistics(i, a) for i, a in zip(images[:n], attrs, strict=True)])
         own_s = 0.0
         if gate.extractor is not None:
             own_s = timed(lambda b=batch: gate.extractor(b), args.repeats)
-            features = gate.extractor(batch)
         assess_s = timed(lambda f=features, s=stats, a=attrs: gate.assess(f, s, a), args.repeats)
         gate_ms, model_ms = (stats_s + own_s + assess_s) * 1000 / n, model_s * 1000 / n
         rows.append((n, model_ms, bare_s * 1000 / n, stats_s * 1000 / n, own_s * 1000 / n,

@@ -143,7 +143,6 @@ class Gate:
         """Whether the gate's features are the classifier's pooled output (not its own network's)."""
         return self.extractor is None
 
-
     @classmethod
     def load(cls, model_dir: str | Path, meta: ModelMetadata, variant: str = "",
              engine_sha256: str | None = None, threads: int = 1) -> Gate | None:

@@ -29,22 +29,30 @@ FILE = "gate_features.onnx"
 DEFAULT_SIZE = 128
 
 
+def imagenet_backbone(size: int) -> Any:
+    """Lite0 with its ImageNet weights as a Keras model, from a size x size batch (the
+    classifiers' caffe input) to the pooled features."""
+    import keras
+
+    from ml.efficientnet_lite import build_efficientnet_lite_classifier
+
+    model = build_efficientnet_lite_classifier("lite0", input_size=size, weights="imagenet")
+    return keras.Model(model.input, model.get_layer("avg_pool").output)
+
+
 def export(model_dir: str | Path, size: int = DEFAULT_SIZE, opset: int = 17) -> dict[str, Any]:
     """Write Lite0's ImageNet backbone as ONNX into model_dir; returns the gate json's block.
 
     The network takes the classifier's own input batch (the artifact's input size and
     preprocessing) and resizes it to `size` itself, so the gate costs one small forward pass
     on what the worker has already made, not a second preprocessing of the upload."""
-    import keras
     import tensorflow as tf
     import tf2onnx
 
     from ml.artifact import read_metadata
-    from ml.efficientnet_lite import build_efficientnet_lite_classifier
 
     source = read_metadata(model_dir).input_size
-    model = build_efficientnet_lite_classifier("lite0", input_size=size, weights="imagenet")
-    backbone = keras.Model(model.input, model.get_layer("avg_pool").output)
+    backbone = imagenet_backbone(size)
     spec = (tf.TensorSpec([None, source, source, 3], tf.float32, name="image"),)
 
     @tf.function(input_signature=spec)

@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from ml.evaluation.metrics import auroc
+from ml.experiments.gate_variants import abstentions_by_split
 from ml.gate import FLAT_STD, STAT_NAMES
+from ml.gate_features import imagenet_backbone
 from ml.training.gate import (
     CLASSES,
     TRAIN_ONLY_SOURCES,
@@ -46,16 +48,6 @@ from ml.training.gate import (
 from ml.training.gate_data import Sample
 
 COMPONENTS = 64
-
-
-def imagenet_backbone(size: int):
-    """EfficientNet-Lite0 with its ImageNet weights, from the caffe batch to the pooled features."""
-    import keras
-
-    from ml.efficientnet_lite import build_efficientnet_lite_classifier
-
-    model = build_efficientnet_lite_classifier("lite0", input_size=size, weights="imagenet")
-    return keras.Model(model.input, model.get_layer("avg_pool").output)
 
 
 def generic_features(samples: Sequence[Sample], cache: Path, size: int, preprocess_version: str,
@@ -176,12 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         min_frontal, max_distance = thresholds_for(p_frontal[val_frontal], distance[val_frontal])
         abstained = flat | (p_frontal < min_frontal) | (distance > max_distance)
         print(f"== {name}: P(frontal) >= {min_frontal:.4f}, distance <= {max_distance:.3f}")
-        for split in ("val", "test"):
-            here = splits == split
-            groups = [(k, here & (kinds == k)) for k in np.unique(kinds[here & ~frontal])]
-            groups += [(s, here & frontal & (sources == s)) for s in np.unique(sources[here & frontal])]
-            print(f"  {split}: " + ", ".join(f"{label} {int(abstained[g].sum())}/{int(g.sum())}"
-                                             for label, g in groups), flush=True)
+        print(abstentions_by_split(abstained, splits, kinds, sources, frontal), flush=True)
         # The COVID-19 model on its own test split: on all its images, and on those answered.
         model_test = np.array([s.kind == "frontal" and s.split == "test" for s in samples])
         positive = np.array([s.label == "covid" for s in samples])

@@ -67,6 +67,20 @@ def within_source(features: np.ndarray, fit: np.ndarray, sources: np.ndarray,
     return np.min([((((features - m) @ axes.T) / scale) ** 2).mean(axis=1) for m in means], axis=0)
 
 
+def abstentions_by_split(abstained: np.ndarray, splits: np.ndarray, kinds: np.ndarray,
+                         sources: np.ndarray, frontal: np.ndarray) -> str:
+    """One line per split (val, test): abstained/images of each non-frontal kind, then of each
+    frontal source."""
+    lines = []
+    for split in ("val", "test"):
+        here = splits == split
+        groups = [(k, here & (kinds == k)) for k in np.unique(kinds[here & ~frontal])]
+        groups += [(s, here & frontal & (sources == s)) for s in np.unique(sources[here & frontal])]
+        lines.append(f"  {split}: " + ", ".join(f"{label} {int(abstained[g].sum())}/{int(g.sum())}"
+                                                for label, g in groups))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     from ml.artifact import read_metadata
@@ -108,12 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         min_frontal, max_distance = thresholds_for(p_frontal[val_frontal], d[val_frontal])
         abstained = flat | (p_frontal < min_frontal) | (d > max_distance)
         print(f"== {name}: P(frontal) >= {min_frontal:.4f}, distance <= {max_distance:.3f}")
-        for split in ("val", "test"):
-            here = splits == split
-            groups = [(k, here & (kinds == k)) for k in np.unique(kinds[here & ~frontal])]
-            groups += [(s, here & frontal & (sources == s)) for s in np.unique(sources[here & frontal])]
-            print(f"  {split}: " + ", ".join(f"{label} {int(abstained[g].sum())}/{int(g.sum())}"
-                                             for label, g in groups))
+        print(abstentions_by_split(abstained, splits, kinds, sources, frontal))
     score = energy(data["probability"])
     for split in ("val", "test"):
         here = splits == split

@@ -127,6 +127,18 @@ def extract_own_features(samples: Sequence[Sample], extractor: Any, model_dir: P
     return np.stack([done[s.key] for s in samples])
 
 
+def own_features(model_dir: Path, samples: Sequence[Sample], cache: Path, size: int,
+                 threads: int = 1) -> tuple[dict, np.ndarray]:
+    """Export the gate's own network (ml.gate_features) into model_dir and run it on every sample:
+    its block for gate.json and the features, cached beside `cache` under the network's sha256."""
+    from ml.gate_features import GateFeatures, export
+
+    block = export(model_dir, size)
+    extractor = GateFeatures.load(model_dir, block, threads=threads)
+    own_cache = cache.with_name(f"{cache.stem}-gate-features-{block['sha256'][:12]}.npz")
+    return block, extract_own_features(samples, extractor, model_dir, own_cache)
+
+
 def _save_cache(cache: Path, done: dict) -> None:
     keys = list(done)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -313,12 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     features = None
     if args.features != "classifier":
         from ml.backends import usable_cpus
-        from ml.gate_features import GateFeatures, export
 
-        features = export(args.model, args.features_size)
-        extractor = GateFeatures.load(args.model, features, threads=usable_cpus())
-        own_cache = cache.with_name(f"{cache.stem}-gate-features-{features['sha256'][:12]}.npz")
-        data = {**data, "features": extract_own_features(samples, extractor, args.model, own_cache)}
+        features, own = own_features(args.model, samples, cache, args.features_size, usable_cpus())
+        data = {**data, "features": own}
     gate, info = fit_gate(args.model, samples, data, args.components, args.c,
                           rule=args.threshold_rule, variant=variant, features=features)
     report = write_report(args.report, gate, samples, data,

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ml.gate import INT8_VARIANT, gate_files
-from ml.training.gate import extract, extract_own_features, fit_gate
+from ml.training.gate import extract, fit_gate, own_features
 from ml.training.gate_data import (
     Sample,
     _badly_exposed,
@@ -46,10 +46,10 @@ def _ood(ood_dir: Path) -> list[Sample]:
 
 
 def fit_quick_gate(model_dir: Path, cxr_dir: Path, ood_dir: Path, fixtures: list[Path] | None = None,
-                   backend: str = "keras", own_features: int | None = None) -> None:
+                   backend: str = "keras", own_features_size: int | None = None) -> None:
     """Fit and write gate.json + gate.npz from a small set (features cached beside model_dir);
     backend onnx-int8: the int8 variant's own gate (gate.int8.json + gate.int8.npz);
-    own_features: the gate reads a network of its own (ml.gate_features) at that input size."""
+    own_features_size: the gate reads a network of its own (ml.gate_features) at that input size."""
     synthetic = [Sample(f"{kind}:{s}", kind, "train", "synthetic", kind, lambda s=s, make=make: make(s))
                  for kind, make in (("noise", _noise), ("flat", _flat), ("document", _document))
                  for s in range(12)]
@@ -62,13 +62,9 @@ def fit_quick_gate(model_dir: Path, cxr_dir: Path, ood_dir: Path, fixtures: list
     cache = Path(model_dir).parent / f".{Path(model_dir).name}-gate-features{'-' + variant if variant else ''}.npz"
     data = extract(samples, Path(model_dir), cache, backend=backend)
     features = None
-    if own_features is not None:
-        from ml.gate_features import GateFeatures, export
-
-        features = export(model_dir, own_features)
-        own_cache = cache.with_name(f"{cache.stem}-{features['sha256'][:12]}.npz")
-        data = {**data, "features": extract_own_features(
-            samples, GateFeatures.load(model_dir, features), Path(model_dir), own_cache)}
+    if own_features_size is not None:
+        features, own = own_features(Path(model_dir), samples, cache, own_features_size)
+        data = {**data, "features": own}
     fit_gate(Path(model_dir), samples, data, components=16, c=1.0, distance_margin=3.0,
              variant=variant, features=features)
     info_path = Path(model_dir) / gate_files(variant)[0]

@@ -35,7 +35,7 @@ def own_gate_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     model_dir = tmp_path_factory.mktemp("own-gate") / "tiny"
     shutil.copytree(tiny_model_dir, model_dir)
     fit_quick_gate(model_dir, CXR_DIR, CXR_DIR.parent / "ood", sorted(FIXTURES.glob("*.png")),
-                   own_features=SIZE)
+                   own_features_size=SIZE)
     return model_dir
 
 

@@ -225,7 +225,7 @@ def test_a_gate_with_its_own_network_serves_the_variant_unchanged(int8_dir: Path
     for name in ("gate.int8.json", "gate.int8.npz"):
         (own / name).unlink(missing_ok=True)
     fit_quick_gate(own, CXR_DIR, CXR_DIR.parent / "ood", sorted(FIXTURES.glob("*.png")),
-                   own_features=32)
+                   own_features_size=32)
     serving = _info(own)["serving"]
     gate_version = json.loads((own / "gate.json").read_text())["version"]
     int8 = Predictor.load(own, backend="onnx-int8", require_gate=True)
