@@ -81,8 +81,9 @@ def tables(gate: Gate, samples: Sequence[Sample], data: dict[str, np.ndarray],
 
 
 def _markdown(result: dict, gate: Gate) -> str:
+    chosen_on = gate.info.get("thresholds", {}).get("chosen_on", "validation split")
     lines = [f"# Input gate {gate.version}: measured on the {result['split']} split", "",
-             f"Thresholds (chosen on validation): frontal probability >= "
+             f"Thresholds (chosen on the {chosen_on}): frontal probability >= "
              f"{gate.min_frontal_probability:.4f}, distance <= {gate.max_distance:.3f}.", "",
              "## Non-frontal inputs: abstained per kind", "",
              "| kind | images | abstained | rate | 95% CI | reasons |", "|---|---|---|---|---|---|"]

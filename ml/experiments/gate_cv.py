@@ -23,13 +23,10 @@ validation radiographs'. Results: docs/experiments/gate/README.md ("Fourth sessi
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -41,9 +38,18 @@ from ml.training.gate import (
     fit_arrays,
     gate_split,
     make_gate,
+    out_of_fold,
     thresholds_for,
 )
-from ml.training.gate_data import KIND_CLASS, Sample, _derived, all_samples, frontal_samples
+from ml.training.gate_data import (
+    KIND_CLASS,
+    Sample,
+    _derived,
+    all_samples,
+    cv_folds,
+    cv_groups,
+    frontal_samples,
+)
 
 
 def unreadable(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -60,46 +66,6 @@ def unreadable(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(y, 0, 1)
 
 
-def cv_groups(samples: Sequence[Sample], cxr_dir: Path, ood_dir: Path) -> np.ndarray:
-    """What each sample is kept together with across folds (see the module docstring)."""
-    patient = {}
-    for manifest in (Path(cxr_dir) / "manifest.csv", Path(ood_dir) / "manifest.csv"):
-        with open(manifest, newline="") as f:
-            patient.update({r["file"]: r["patient_id"] or r["file"] for r in csv.DictReader(f)})
-    out = []
-    for s in samples:
-        base = s.key.split(":", 1)[1] if s.kind in ("inverted", "poor_exposure") else s.key
-        if base in patient:
-            out.append(patient[base])
-        elif s.source not in ("synthetic", "lfw"):
-            out.append(f"base:{s.source}")  # a scikit-image picture and its crops
-        else:
-            out.append(s.key)
-    return np.array(out)
-
-
-def cv_folds(groups: np.ndarray, folds: int = 5) -> np.ndarray:
-    """A stable fold per group, from its hash."""
-    return np.array([int(hashlib.sha256(f"cv:{g}".encode()).hexdigest()[:8], 16) % folds
-                     for g in groups])
-
-
-def out_of_fold(data: dict[str, np.ndarray], classes: np.ndarray, fit: np.ndarray,
-                scored: np.ndarray, fold: np.ndarray, components: int = 64, c: float = 0.1,
-                **fit_options: Any) -> tuple[np.ndarray, np.ndarray]:
-    """P(frontal) and distance of every `scored` sample from a gate fitted on the `fit` samples
-    of the other folds (zeros elsewhere); array options (sample_weight) are per sample."""
-    p_frontal, distance = np.zeros(len(classes)), np.zeros(len(classes))
-    features, stats = data["features"], data["stats"]
-    for k in np.unique(fold[scored]):
-        train, held = fit & (fold != k), scored & (fold == k)
-        options = {key: v[train] if isinstance(v, np.ndarray) else v for key, v in fit_options.items()}
-        arrays = fit_arrays(features[train], stats[train], classes[train], components, c, **options)
-        probabilities, d = make_gate(arrays).scores(features[held], stats[held])
-        p_frontal[held], distance[held] = probabilities[:, CLASSES.index("frontal")], d
-    return p_frontal, distance
-
-
 def source_balanced(classes: np.ndarray, sources: np.ndarray) -> np.ndarray:
     """Sample weights under which every frontal source weighs the same (mean weight 1)."""
     w = np.ones(len(classes))
@@ -109,6 +75,23 @@ def source_balanced(classes: np.ndarray, sources: np.ndarray) -> np.ndarray:
         here = frontal & (sources == name)
         w[here] = frontal.sum() / (len(names) * here.sum())
     return w
+
+
+def shipped_features(model_dir: Path, samples: Sequence[Sample], cache: Path) -> np.ndarray:
+    """What the model's shipped gate reads, per sample: its own network (gate.json "features") as
+    it is in the artifact, cached beside `cache` under that network's sha256."""
+    import json
+
+    from ml.backends import usable_cpus
+    from ml.gate_features import GateFeatures
+    from ml.training.gate import extract_own_features
+
+    block = json.loads((Path(model_dir) / "gate.json").read_text()).get("features")
+    if not block:
+        raise SystemExit(f"{model_dir}: the shipped gate reads the classifier's features")
+    extractor = GateFeatures.load(model_dir, block, threads=usable_cpus())
+    own_cache = cache.with_name(f"{cache.stem}-gate-features-{block['sha256'][:12]}.npz")
+    return extract_own_features(samples, extractor, model_dir, own_cache)
 
 
 def _counts(abstained: np.ndarray, groups: list[tuple[str, np.ndarray]]) -> str:
@@ -125,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", required=True, type=Path, help="features cache (as ml.training.gate's)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--components", type=int, default=64)
+    parser.add_argument("--features", choices=["classifier", "shipped"], default="classifier",
+                        help="the classifier's pooled features, or the network the model's shipped "
+                        "gate reads (gate.json 'features', as served)")
     parser.add_argument("--only", nargs="*", help="run the variants whose names contain these")
     parser.add_argument("--rule", action="append", nargs=2, metavar=("RULE", "TARGET"),
                         dest="rules", help="threshold rule (pooled or per-source) and the most each "
@@ -140,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                           unreadable, prefix="unreadable")
     samples = samples + rest + candidates
     data = extract(samples, args.model, args.cache)
+    if args.features == "shipped":
+        data = {**data, "features": shipped_features(args.model, samples, args.cache)}
     stats = data["stats"]
     splits = np.array(["cv" if s.split == "cv" else gate_split(s) for s in samples])
     classes = np.array([KIND_CLASS[s.kind] for s in samples])

@@ -21,7 +21,7 @@ import numpy as np
 
 from ml.artifact import read_metadata, sha256_file
 from ml.gate import GATE_FORMAT, INT8_VARIANT, STAT_NAMES, Gate, gate_files, image_statistics
-from ml.training.gate_data import KIND_CLASS, Sample, all_samples, split_of
+from ml.training.gate_data import KIND_CLASS, Sample, all_samples, cv_folds, cv_groups, split_of
 
 CLASSES = ("frontal", "lateral", "ct", "other", "inverted", "poor")
 CLASS_REASONS = {"lateral": "not_frontal", "ct": "other_modality", "other": "not_chest_xray",
@@ -32,8 +32,13 @@ TRAIN_ONLY_SOURCES = ("covid-cxnet", "twitter-covid")
 FRONTAL_ABSTAIN_TARGET = 0.005  # per threshold, on validation radiographs
 # How the thresholds meet that target on validation radiographs: over all of them pooled, or
 # in every source separately (the targets are per source: a pooled rule lets a small source's
-# images be the ones abstained on).
-THRESHOLD_RULES = ("pooled", "per-source")
+# images be the ones abstained on). "cross-validated": on out-of-fold scores of every
+# radiograph of the train and validation splits (5 folds grouped by patient), in every source,
+# at CV_TARGET each: a small source's 35 validation images cannot place a 0.5% threshold, its
+# 200 out-of-fold images can place a 2% one (docs/experiments/gate, sixth session).
+THRESHOLD_RULES = ("pooled", "per-source", "cross-validated")
+CV_TARGET = 0.02
+CV_FOLDS = 5
 
 
 def gate_split(sample: Sample, val_for_train_only: bool = False) -> str:
@@ -129,14 +134,29 @@ def extract_own_features(samples: Sequence[Sample], extractor: Any, model_dir: P
 
 def own_features(model_dir: Path, samples: Sequence[Sample], cache: Path, size: int,
                  threads: int = 1) -> tuple[dict, np.ndarray]:
-    """Export the gate's own network (ml.gate_features) into model_dir and run it on every sample:
-    its block for gate.json and the features, cached beside `cache` under the network's sha256."""
-    from ml.gate_features import GateFeatures, export
+    """The gate's own network (ml.gate_features) run on every sample: its block for gate.json and
+    the features, cached beside `cache` under the network's sha256. A refit keeps the network
+    the artifact already has at this size (its export is not byte-for-byte reproducible, and a
+    gate must read the network it is served with); otherwise it is exported into model_dir."""
+    from ml.gate_features import SOURCE, GateFeatures, export
 
-    block = export(model_dir, size)
+    block = shipped_network(model_dir)
+    if block is None or block.get("source") != SOURCE or block.get("input_size") != size:
+        block = export(model_dir, size)
     extractor = GateFeatures.load(model_dir, block, threads=threads)
     own_cache = cache.with_name(f"{cache.stem}-gate-features-{block['sha256'][:12]}.npz")
     return block, extract_own_features(samples, extractor, model_dir, own_cache)
+
+
+def shipped_network(model_dir: Path) -> dict | None:
+    """The features block of the artifact's gate.json when its network file is there intact."""
+    path = Path(model_dir) / gate_files()[0]
+    if not path.is_file():
+        return None
+    block = json.loads(path.read_text()).get("features")
+    if not block or not (Path(model_dir) / str(block.get("file"))).is_file():
+        return None
+    return block if sha256_file(Path(model_dir) / block["file"]) == block.get("sha256") else None
 
 
 def _save_cache(cache: Path, done: dict) -> None:
@@ -174,6 +194,22 @@ def fit_arrays(features: np.ndarray, stats: np.ndarray, classes: Sequence[str],
     return {"feature_mean": mean, "components": vt[:k], "component_scale": scale,
             "stat_mean": stat_mean, "stat_scale": stat_scale,
             "weights": model.coef_[order], "bias": model.intercept_[order]}
+
+
+def out_of_fold(data: dict[str, np.ndarray], classes: np.ndarray, fit: np.ndarray,
+                scored: np.ndarray, fold: np.ndarray, components: int = 64, c: float = 0.1,
+                **fit_options: Any) -> tuple[np.ndarray, np.ndarray]:
+    """P(frontal) and distance of every `scored` sample from a gate fitted on the `fit` samples
+    of the other folds (zeros elsewhere); array options (sample_weight) are per sample."""
+    p_frontal, distance = np.zeros(len(classes)), np.zeros(len(classes))
+    features, stats = data["features"], data["stats"]
+    for k in np.unique(fold[scored]):
+        train, held = fit & (fold != k), scored & (fold == k)
+        options = {key: v[train] if isinstance(v, np.ndarray) else v for key, v in fit_options.items()}
+        arrays = fit_arrays(features[train], stats[train], classes[train], components, c, **options)
+        probabilities, d = make_gate(arrays).scores(features[held], stats[held])
+        p_frontal[held], distance[held] = probabilities[:, CLASSES.index("frontal")], d
+    return p_frontal, distance
 
 
 def make_gate(arrays: dict[str, np.ndarray], min_frontal: float = 0.5,
@@ -239,8 +275,12 @@ def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple
         "classes": list(CLASSES),
         "class_reasons": CLASS_REASONS,
         "thresholds": {"min_frontal_probability": thresholds[0], "max_distance": thresholds[1],
-                       "chosen_on": "validation split",
-                       "frontal_abstain_target_each": FRONTAL_ABSTAIN_TARGET,
+                       "chosen_on": (
+                           "validation split" if rule != "cross-validated" else
+                           f"out-of-fold scores of the train and validation splits ({CV_FOLDS} "
+                           "folds grouped by patient or base image)"),
+                       "frontal_abstain_target_each": (
+                           CV_TARGET if rule == "cross-validated" else FRONTAL_ABSTAIN_TARGET),
                        "rule": rule},
         "summary": summary,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -251,24 +291,39 @@ def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple
 
 def fit_gate(model_dir: Path, samples: Sequence[Sample], data: dict[str, np.ndarray],
              components: int = 64, c: float = 0.1, distance_margin: float = 1.0,
-             rule: str = "pooled", variant: str = "",
-             features: dict | None = None) -> tuple[Gate, dict]:
+             rule: str = "pooled", variant: str = "", features: dict | None = None,
+             groups: np.ndarray | None = None) -> tuple[Gate, dict]:
     """Fit on train, thresholds on val; returns the written gate (loaded back) and its info.
 
     distance_margin multiplies the distance threshold (1 for served models; more for the
-    tiny test models, whose validation set is a handful of images). rule: THRESHOLD_RULES;
+    tiny test models, whose validation set is a handful of images). rule: THRESHOLD_RULES
+    ("cross-validated" needs each sample's patient or base-image group, gate_data.cv_groups);
     variant "int8": the int8 variant's own gate, on its features (data)."""
     splits = np.array(gate_splits(samples, rule))
     classes = np.array([KIND_CLASS[s.kind] for s in samples])
+    sources = np.array([s.source for s in samples])
     train, val = splits == "train", (splits == "val") & (classes == "frontal")
     arrays = fit_arrays(data["features"][train], data["stats"][train], classes[train], components, c)
-    sources = np.array([s.source for s in samples])[val] if rule == "per-source" else None
-    min_frontal, max_distance = choose_thresholds(make_gate(arrays), data["features"][val],
-                                                  data["stats"][val], sources=sources)
+    summary: dict[str, Any] = {
+        "fit_images_per_class": {k: int(((classes == k) & train).sum()) for k in CLASSES},
+        "val_frontal_images": int(val.sum()), "components": int(arrays["components"].shape[0]),
+        "C": c, "distance_margin": distance_margin}
+    if rule == "cross-validated":
+        if groups is None:
+            raise ValueError("the cross-validated rule needs each sample's group")
+        pool = splits != "test"
+        p_frontal, distance = out_of_fold(data, classes, pool, pool, cv_folds(groups, CV_FOLDS),
+                                          components, c)
+        scored = pool & (classes == "frontal")
+        min_frontal, max_distance = thresholds_for(p_frontal[scored], distance[scored], CV_TARGET,
+                                                   sources[scored])
+        summary["cross_validation"] = {"folds": CV_FOLDS, "radiographs": int(scored.sum()),
+                                       "images": int(pool.sum())}
+    else:
+        min_frontal, max_distance = choose_thresholds(
+            make_gate(arrays), data["features"][val], data["stats"][val],
+            sources=sources[val] if rule == "per-source" else None)
     thresholds = (min_frontal, max_distance * distance_margin)
-    summary = {"fit_images_per_class": {k: int(((classes == k) & train).sum()) for k in CLASSES},
-               "val_frontal_images": int(val.sum()), "components": int(arrays["components"].shape[0]),
-               "C": c, "distance_margin": distance_margin}
     info = write_gate(model_dir, arrays, thresholds, summary, rule, variant, features)
     gate = Gate.load(model_dir, read_metadata(model_dir), variant, info.get("engine_sha256"))
     assert gate is not None
@@ -299,8 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-per-source", type=int, default=0,
                         help="training radiographs each source gives at least (default: 25%% of all)")
     parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="pooled",
-                        help="thresholds meet the validation abstention target over all "
-                        "radiographs pooled, or in every source (default: %(default)s)")
+                        help="thresholds meet their abstention target on validation radiographs "
+                        "pooled, in every source, or in every source of the train and validation "
+                        "splits' out-of-fold scores (cross-validated, 2%% each; "
+                        "default: %(default)s)")
+    parser.add_argument("--train-fraction", type=float, default=0.25,
+                        help="share of the model's training radiographs the gate fits on "
+                        "(default: %(default)s; 1 for a gate with a network of its own, which "
+                        "never saw them)")
     parser.add_argument("--quick", action="store_true",
                         help="development/test models: fit on a small set in a minute, no report")
     args = parser.parse_args(argv)
@@ -319,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     variant = INT8_VARIANT if args.backend == "onnx-int8" else ""
     suffix = f"+{variant}" if variant else ""
     cache = args.cache or Path("bench/out") / f"gate-{meta.model_version}{suffix}.npz"
-    samples = all_samples(args.model, args.cxr, args.ood, keep_sources=TRAIN_ONLY_SOURCES,
-                          min_per_source=args.min_per_source)
+    samples = all_samples(args.model, args.cxr, args.ood, train_fraction=args.train_fraction,
+                          keep_sources=TRAIN_ONLY_SOURCES, min_per_source=args.min_per_source)
     data = extract(samples, args.model, cache, backend=args.backend)
     features = None
     if args.features != "classifier":
@@ -328,8 +389,11 @@ def main(argv: list[str] | None = None) -> int:
 
         features, own = own_features(args.model, samples, cache, args.features_size, usable_cpus())
         data = {**data, "features": own}
+    groups = (cv_groups(samples, args.cxr, args.ood) if args.threshold_rule == "cross-validated"
+              else None)
     gate, info = fit_gate(args.model, samples, data, args.components, args.c,
-                          rule=args.threshold_rule, variant=variant, features=features)
+                          rule=args.threshold_rule, variant=variant, features=features,
+                          groups=groups)
     report = write_report(args.report, gate, samples, data,
                           gate_splits(samples, args.threshold_rule))
     print(f"wrote {args.model / gate_files(variant)[0]} ({info['version']}) and {report}")

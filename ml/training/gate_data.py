@@ -276,3 +276,27 @@ def all_samples(model_dir: Path, cxr_dir: Path, ood_dir: Path, scale: int = 1,
         + _derived("inverted", frontal, 80 * scale, 1, lambda x, _: 1.0 - x)
         + _derived("poor_exposure", frontal, 80 * scale, 2, _badly_exposed)
     )
+
+
+def cv_groups(samples: Sequence[Sample], cxr_dir: Path, ood_dir: Path) -> np.ndarray:
+    """What each sample is kept together with across folds (see the module docstring)."""
+    patient = {}
+    for manifest in (Path(cxr_dir) / "manifest.csv", Path(ood_dir) / "manifest.csv"):
+        with open(manifest, newline="") as f:
+            patient.update({r["file"]: r["patient_id"] or r["file"] for r in csv.DictReader(f)})
+    out = []
+    for s in samples:
+        base = s.key.split(":", 1)[1] if s.kind in ("inverted", "poor_exposure") else s.key
+        if base in patient:
+            out.append(patient[base])
+        elif s.source not in ("synthetic", "lfw"):
+            out.append(f"base:{s.source}")  # a scikit-image picture and its crops
+        else:
+            out.append(s.key)
+    return np.array(out)
+
+
+def cv_folds(groups: np.ndarray, folds: int = 5) -> np.ndarray:
+    """A stable fold per group, from its hash."""
+    return np.array([int(hashlib.sha256(f"cv:{g}".encode()).hexdigest()[:8], 16) % folds
+                     for g in groups])

@@ -63,3 +63,86 @@ def test_train_only_sources_give_validation_images_only_to_the_per_source_rule()
     assert pooled == collections.Counter(gate_split(s) for s in train_only)
     assert "val" not in pooled and per_source["val"] > 0
     assert per_source["test"] == pooled["test"]  # the test images stay the same
+
+
+def test_cross_validation_keeps_a_patient_and_the_images_made_from_it_in_one_fold() -> None:
+    from ml.training.gate_data import cv_folds, cv_groups
+
+    samples = all_samples(REPO / "models" / "current", CXR, OOD, keep_sources=TRAIN_ONLY_SOURCES)
+    groups = cv_groups(samples, CXR, OOD)
+    folds = cv_folds(groups)
+    assert set(folds) == {0, 1, 2, 3, 4}
+    fold_of_group: dict[str, int] = {}
+    for group, fold in zip(groups, folds, strict=True):
+        assert fold_of_group.setdefault(group, fold) == fold
+    by_key = dict(zip((s.key for s in samples), folds, strict=True))
+    made = [s for s in samples if s.kind in ("inverted", "poor_exposure")]
+    assert made and all(by_key[s.key] == by_key.get(s.key.split(":", 1)[1], by_key[s.key])
+                        for s in made)
+    patients = collections.Counter(groups[[s.kind == "frontal" for s in samples]])
+    assert max(patients.values()) > 1  # real patients with several films, kept together
+
+
+def _synthetic(rng: np.random.Generator, test_shift: float = 0.0):
+    """Samples and data for fit_gate: two radiograph sources (a small one off-centre) in the
+    train and val splits, every other class in train, and test images (shifted by test_shift)."""
+    from ml.training.gate import CLASSES
+    from ml.training.gate_data import Sample
+
+    rows, samples = [], []
+
+    def add(kind: str, split: str, source: str, x: np.ndarray) -> None:
+        for row in x:
+            samples.append(Sample(f"{source}:{kind}:{split}:{len(samples)}", kind, split, source,
+                                  "normal", lambda: None))
+            rows.append(row)
+
+    for split, n in (("train", 300), ("val", 100), ("test", 60)):
+        shift = test_shift if split == "test" else 0.0
+        add("frontal", split, "big", rng.normal(shift, 1.0, (n, 8)))
+        add("frontal", split, "small", rng.normal(2.5 + shift, 1.0, (n // 2, 8)))
+    kinds = {"lateral": "lateral_xray", "ct": "ct", "other": "photo", "inverted": "inverted",
+             "poor": "poor_exposure"}
+    for i, name in enumerate(CLASSES[1:]):
+        add(kinds[name], "train", "made", rng.normal(6.0 + i, 1.0, (30, 8)))
+    features = np.stack(rows)
+    stats = np.zeros((len(features), len(STAT_NAMES)))
+    stats[:, STAT_NAMES.index("std")] = 0.2  # not blank
+    return samples, {"features": features, "stats": stats}
+
+
+def test_cross_validated_thresholds_meet_the_target_per_source_and_never_read_test(
+        small_artifact) -> None:
+    import pytest
+
+    from ml.training.gate import CV_TARGET, fit_gate
+
+    model_dir, _ = small_artifact
+    samples, data = _synthetic(np.random.default_rng(0))
+    groups = np.array([s.key for s in samples])
+    with pytest.raises(ValueError, match="group"):
+        fit_gate(model_dir, samples, data, components=4, c=1.0, rule="cross-validated")
+    gate, info = fit_gate(model_dir, samples, data, components=4, c=1.0, rule="cross-validated",
+                          groups=groups)
+    chosen = info["thresholds"]
+    assert chosen["rule"] == "cross-validated" and "out-of-fold" in chosen["chosen_on"]
+    assert chosen["frontal_abstain_target_each"] == CV_TARGET
+    assert info["summary"]["cross_validation"]["radiographs"] == 600  # train and val, not test
+    # On new patients of each source (fresh draws) the gate abstains near the target, a
+    # threshold each; it still refuses fresh images of every other kind.
+    rng = np.random.default_rng(1)
+    fresh = {"big": rng.normal(0.0, 1.0, (2000, 8)), "small": rng.normal(2.5, 1.0, (2000, 8))}
+    blank = np.zeros((2000, len(STAT_NAMES)))
+    blank[:, STAT_NAMES.index("std")] = 0.2
+    for source, x in fresh.items():
+        rate = np.mean([v.reason is not None for v in gate.assess(x, blank, [None] * 2000)])
+        assert rate <= 2 * CV_TARGET + 0.01, source
+    for i in range(5):
+        x = rng.normal(6.0 + i, 1.0, (200, 8))
+        assert all(v.reason for v in gate.assess(x, blank[:200], [None] * 200))
+    # Test images play no part: moved far away, the thresholds stay the same.
+    moved_samples, moved = _synthetic(np.random.default_rng(0), test_shift=9.0)
+    _, again = fit_gate(model_dir, moved_samples, moved, components=4, c=1.0,
+                        rule="cross-validated", groups=groups)
+    assert again["thresholds"]["max_distance"] == chosen["max_distance"]
+    assert again["thresholds"]["min_frontal_probability"] == chosen["min_frontal_probability"]
