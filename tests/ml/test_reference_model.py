@@ -34,7 +34,8 @@ def test_current_model_predicts_the_licensed_fixtures():
         assert r.trained and 0.0 <= r.probability_covid <= 1.0 and r.gate_version
         assert (r.heatmap_png is not None) == (r.abstain_reason is None)  # no heatmap unread
     # hannover__3a81faf3, a washed-out AP portable of a test-split patient, is one of the
-    # shipped gate's wrongful abstentions (2 of 36 hannover-mhh films: docs/experiments/gate/).
+    # shipped gate's wrongful abstentions (1 of 36 hannover-mhh test films, as "inverted":
+    # docs/experiments/gate/).
     assert [r.abstain_reason is None for r in results] == [True, True, False]
 
 
