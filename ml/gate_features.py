@@ -99,6 +99,11 @@ class GateFeatures:
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
+        # It runs right after the classifier's session, which has a thread pool of its own: left
+        # spinning after each run, this pool's threads took the cores from the classifier's next
+        # run (2 threads each, 2 cores: +41% at batch 8, +154% at batch 1; not spinning: +8%,
+        # +25%; docs/benchmarks.md, "Input gate cost"). One thread has no pool to spin.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return cls(session, info)
 

@@ -94,3 +94,36 @@ def test_served_predictions_are_gated_on_the_gates_own_features(own_gate_dir: Pa
                          np.stack([image_statistics(i) for i in images[:-1]]), [None] * 3)
     np.testing.assert_allclose([r.gate_frontal_probability for r in results[:-1]],
                                [a.frontal_probability for a in direct], rtol=1e-4)
+
+
+def test_a_refit_keeps_the_network_the_artifact_ships(own_gate_dir: Path, tmp_path: Path):
+    from ml.training.gate import own_features, shipped_network
+
+    model_dir = tmp_path / "tiny"
+    shutil.copytree(own_gate_dir, model_dir)
+    shipped = json.loads((model_dir / GATE_FILE).read_text())["features"]
+    network = model_dir / shipped["file"]
+    before = network.stat().st_mtime_ns
+
+    class Sample:
+        def __init__(self, path: Path):
+            self.key, self.path = path.name, path
+
+        def load(self):
+            decoded = decode_image(self.path.read_bytes())
+            return decoded.pixels, decoded.attributes
+
+    block, features = own_features(model_dir, [Sample(p) for p in real_xray_paths(2)],
+                                   tmp_path / "cache.npz", SIZE)
+    assert block == shipped and network.stat().st_mtime_ns == before  # not exported again
+    assert features.shape == (2, 1280)
+    network.write_bytes(network.read_bytes()[:-1] + b"\0")  # no longer the gate's network
+    assert shipped_network(model_dir) is None
+
+
+def test_the_network_does_not_spin_after_its_runs(own_gate_dir: Path):
+    """It runs right after the classifier's session on the same cores (docs/benchmarks.md)."""
+    block = json.loads((own_gate_dir / GATE_FILE).read_text())["features"]
+    extractor = GateFeatures.load(own_gate_dir, block, threads=2)
+    options = extractor._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
