@@ -8,6 +8,8 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,20 +204,28 @@ def _encode_weights(weights: list[np.ndarray], dtype: str) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and os.replace, so readers never see half a file."""
+@contextmanager
+def replaced_atomically(path: Path) -> Iterator[str]:
+    """A temporary file beside `path` for a writer to fill; when the block ends without error it
+    becomes `path` in one step (os.replace), otherwise it is removed: readers never see half a
+    file. mkstemp makes 0600 files and workers often run as another user (containers): 0644."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp makes 0600 files; workers often run as another user (containers).
+        yield tmp
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write data to path through replaced_atomically, synced to disk first."""
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_artifact(

@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ml.artifact import ArtifactError, load_weight_arrays, read_metadata, sha256_file
+from ml.artifact import (
+    ArtifactError,
+    load_weight_arrays,
+    read_metadata,
+    replaced_atomically,
+    sha256_file,
+)
 from ml.backends import ONNX_FILE, ONNX_INFO_FILE, KerasBackend, OnnxBackend, read_onnx_info
-from ml.gate import Gate
+from ml.gate import GATE_FILE
 from ml.preprocess import IMAGENET_BGR_MEAN
 
 PARITY_TOLERANCE = 1e-4
@@ -59,15 +63,8 @@ def export_onnx(model_dir: str | Path, opset: int = 17) -> dict[str, Any]:
                 "cam": tf.identity(cam, name="cam"),
                 "features": tf.identity(features, name="features")}
 
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".model.", suffix=".onnx")
-    os.close(fd)
-    try:
+    with replaced_atomically(model_dir / ONNX_FILE) as tmp:
         tf2onnx.convert.from_function(graph, input_signature=spec, opset=opset, output_path=tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, model_dir / ONNX_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     info: dict[str, Any] = {
         "file": ONNX_FILE,
         "sha256": sha256_file(model_dir / ONNX_FILE),
@@ -149,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"missed {parity['missed']}: a model of its own, {serving['model_version']} at "
                   f"threshold {serving['threshold']:.4f}; only INFERENCE_BACKEND=onnx-int8 serves it")
-            gate = Gate.load(model_dir, read_metadata(model_dir))
-            if gate is not None and not gate.reads_classifier:
-                print(f"the input gate ({gate.version}) reads a network of its own, not the "
+            gate_json = model_dir / GATE_FILE
+            gate = json.loads(gate_json.read_text()) if gate_json.is_file() else None
+            if gate is not None and gate.get("features"):
+                print(f"the input gate ({gate['version']}) reads a network of its own, not the "
                       "classifier: it serves this variant as it is")
             elif gate is not None and (ood / "manifest.csv").is_file():
                 # Its features are not the float32 model's: it gets an input gate of its own.

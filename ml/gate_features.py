@@ -14,15 +14,13 @@ every backend of the artifact, the int8 variant included, unchanged.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ml.artifact import ArtifactError, sha256_file
+from ml.artifact import ArtifactError, replaced_atomically, sha256_file
 
 SOURCE = "imagenet-efficientnet-lite0"
 FILE = "gate_features.onnx"
@@ -61,15 +59,8 @@ def export(model_dir: str | Path, size: int = DEFAULT_SIZE, opset: int = 17) -> 
         return {"features": tf.identity(backbone(resized, training=False), name="features")}
 
     model_dir = Path(model_dir)
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".gate_features.", suffix=".onnx")
-    os.close(fd)
-    try:
+    with replaced_atomically(model_dir / FILE) as tmp:
         tf2onnx.convert.from_function(graph, input_signature=spec, opset=opset, output_path=tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, model_dir / FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return {"source": SOURCE, "file": FILE, "sha256": sha256_file(model_dir / FILE),
             "input_size": size, "reads": f"the classifier's {source} px input batch",
             "dimensions": int(backbone.output.shape[-1])}
