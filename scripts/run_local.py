@@ -179,6 +179,11 @@ def main() -> int:
         print(f"Embedded Redis on {env['REDIS_URL']}", flush=True)
 
     def stop_all() -> None:
+        # A second Ctrl-C or SIGTERM while stopping would abort the stop half-way and leave
+        # the worker, beat and broker running without their launcher: stopping is bounded
+        # (each service gets 30 s, then SIGKILL), so it is let finish.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # Web first (no new uploads), then worker and beat, the broker last.
         for service in reversed(services):
             service.stop()

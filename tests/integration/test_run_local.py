@@ -60,6 +60,11 @@ def test_launcher_serves_a_result_and_stops_cleanly(tiny_model_dir, tmp_path):
         assert body["images"][0]["result"]["backend"] == "onnx", body
     finally:
         proc.send_signal(signal.SIGINT)
+        # An impatient second signal while it stops must not leave the services behind.
+        deadline = time.monotonic() + 10
+        while "Stopping" not in (tmp_path / "run.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
         returncode = proc.wait(timeout=90)
     assert returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
     _, alive = psutil.wait_procs(children, timeout=10)
