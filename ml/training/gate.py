@@ -1,5 +1,6 @@
 """`python -m ml.training.gate --model DIR`: fit the input gate on the model's features, pick its
-thresholds on validation, measure it on test, and write gate.json + gate.npz into DIR.
+thresholds without the test split (on validation, or by a patient-grouped cross-validation over
+train and validation), measure it on test, and write gate.json + gate.npz into DIR.
 
 The gate (ml/gate.py) has two parts fitted here: a Mahalanobis distance in the
 whitened principal subspace of the training radiographs' pooled features, and a
@@ -293,7 +294,8 @@ def fit_gate(model_dir: Path, samples: Sequence[Sample], data: dict[str, np.ndar
              components: int = 64, c: float = 0.1, distance_margin: float = 1.0,
              rule: str = "pooled", variant: str = "", features: dict | None = None,
              groups: np.ndarray | None = None) -> tuple[Gate, dict]:
-    """Fit on train, thresholds on val; returns the written gate (loaded back) and its info.
+    """Fit on train, thresholds on val (the cross-validated rule: on out-of-fold scores of train
+    and val); returns the written gate (loaded back) and its info.
 
     distance_margin multiplies the distance threshold (1 for served models; more for the
     tiny test models, whose validation set is a handful of images). rule: THRESHOLD_RULES
