@@ -33,17 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from ml.evaluation.metrics import auroc
-from ml.experiments.gate_variants import abstentions_by_split
-from ml.gate import FLAT_STD, STAT_NAMES
+from ml.experiments.gate_variants import shipped_recipe
 from ml.gate_features import imagenet_backbone
 from ml.training.gate import (
-    CLASSES,
     TRAIN_ONLY_SOURCES,
     extract,
-    fit_arrays,
     gate_split,
-    make_gate,
-    thresholds_for,
 )
 from ml.training.gate_data import Sample
 
@@ -94,6 +89,17 @@ def onnx_backbone(size: int, path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def best_ms(run, batch: np.ndarray, rounds: int) -> float:
+    """Best of `rounds` milliseconds per image of run(batch), after one warm-up call."""
+    run(batch)
+    best = np.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run(batch)
+        best = min(best, time.perf_counter() - start)
+    return best * 1000 / len(batch)
+
+
 def cost(model_dir: Path, sizes: Sequence[int], work: Path, images: int = 8,
          rounds: int = 5) -> dict[str, float]:
     """Milliseconds per image, best of `rounds` on one random batch of `images`: the classifier's
@@ -113,16 +119,7 @@ def cost(model_dir: Path, sizes: Sequence[int], work: Path, images: int = 8,
     for size in sizes:
         session = onnx_backbone(size, work / f"imagenet-lite0-{size}.onnx")
         runs[f"lite0@{size}"] = (lambda b, s=session: s.run(None, {"image": b}), batch(size))
-    times = {}
-    for name, (run, b) in runs.items():
-        run(b)
-        best = np.inf
-        for _ in range(rounds):
-            start = time.perf_counter()
-            run(b)
-            best = min(best, time.perf_counter() - start)
-        times[name] = best * 1000 / images
-    return times
+    return {name: best_ms(run, b, rounds) for name, (run, b) in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,22 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     splits = np.array([gate_split(s) for s in samples])
     classes = np.array([KIND_CLASS[s.kind] for s in samples])
     kinds, sources = np.array([s.kind for s in samples]), np.array([s.source for s in samples])
-    train, frontal = splits == "train", classes == "frontal"
-    val_frontal = (splits == "val") & frontal
-    flat = stats[:, STAT_NAMES.index("std")] < FLAT_STD
-    at = CLASSES.index("frontal")
     fits = {"classifier features (shipped)": data["features"]}
     for size, features in generic.items():
         fits[f"imagenet lite0 @ {size} px"] = features
         fits[f"both @ {size} px"] = np.concatenate([data["features"], features], axis=1)
     for name, features in fits.items():
-        gate = make_gate(fit_arrays(features[train], stats[train], classes[train], COMPONENTS))
-        probabilities, distance = gate.scores(features, stats)
-        p_frontal = probabilities[:, at]
-        min_frontal, max_distance = thresholds_for(p_frontal[val_frontal], distance[val_frontal])
-        abstained = flat | (p_frontal < min_frontal) | (distance > max_distance)
-        print(f"== {name}: P(frontal) >= {min_frontal:.4f}, distance <= {max_distance:.3f}")
-        print(abstentions_by_split(abstained, splits, kinds, sources, frontal), flush=True)
+        abstained = shipped_recipe(name, features, stats, classes, splits, kinds, sources)
         # The COVID-19 model on its own test split: on all its images, and on those answered.
         model_test = np.array([s.kind == "frontal" and s.split == "test" for s in samples])
         positive = np.array([s.label == "covid" for s in samples])

@@ -26,23 +26,19 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ml.experiments.gate_variants import abstentions_by_split
-from ml.gate import FLAT_STD, STAT_NAMES
+from ml.experiments.gate_cv import shipped_features
+from ml.experiments.gate_generic import best_ms
+from ml.experiments.gate_variants import shipped_recipe
 from ml.training.gate import (
-    CLASSES,
     TRAIN_ONLY_SOURCES,
     extract,
     extract_own_features,
-    fit_arrays,
     gate_split,
-    make_gate,
-    thresholds_for,
 )
 from ml.training.gate_data import Sample
 
@@ -75,17 +71,6 @@ def session(path: Path, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def best_ms(run, batch: np.ndarray, rounds: int) -> float:
-    """Best of `rounds` milliseconds per image, after one warm-up call."""
-    run(batch)
-    best = np.inf
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run(batch)
-        best = min(best, time.perf_counter() - start)
-    return best * 1000 / len(batch)
 
 
 def cost(model_dir: Path, networks: dict[str, Path], threads: Sequence[int],
@@ -125,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     from ml.artifact import read_metadata
     from ml.backends import usable_cpus
     from ml.gate import Gate
-    from ml.gate_features import GateFeatures
     from ml.training.gate_data import KIND_CLASS, all_samples
 
     parser = argparse.ArgumentParser(prog="python -m ml.experiments.gate_int8",
@@ -146,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = all_samples(args.model, args.cxr, args.ood, keep_sources=TRAIN_ONLY_SOURCES)
     data = extract(samples, args.model, cache)
     threads = usable_cpus()
-    fp32 = extract_own_features(samples, GateFeatures.load(args.model, block, threads), args.model,
-                                cache.with_name(f"{cache.stem}-gate-features-{block['sha256'][:12]}.npz"))
+    fp32 = shipped_features(args.model, samples, cache)
     splits = np.array([gate_split(s) for s in samples])
     calibration = [s for s, split in zip(samples, splits, strict=True)
                    if split == "train" and s.kind == "frontal"]
@@ -166,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = data["stats"]
     classes = np.array([KIND_CLASS[s.kind] for s in samples])
     kinds, sources = np.array([s.kind for s in samples]), np.array([s.source for s in samples])
-    frontal, train = classes == "frontal", splits == "train"
-    flat = stats[:, STAT_NAMES.index("std")] < FLAT_STD
+    frontal = classes == "frontal"
     delta = np.abs(int8_features - fp32)
     print(f"features |int8 - fp32|: median {np.median(delta):.4f}, p99 {np.quantile(delta, 0.99):.4f}"
           f" (fp32 median |value| {np.median(np.abs(fp32)):.4f}); cosine median "
@@ -184,17 +166,9 @@ def main(argv: list[str] | None = None) -> int:
               f"flips {int(flips.sum())} (" + ", ".join(
                   f"{k} {int((flips & (kinds == k) & ~frontal).sum())}" for k in np.unique(kinds[here & ~frontal]))
               + f", radiographs {int((flips & frontal).sum())})")
-    at = CLASSES.index("frontal")
-    val_frontal = (splits == "val") & frontal
     for name, features in (("shipped recipe on fp32 features", fp32),
                            ("shipped recipe on int8 features", int8_features)):
-        gate = make_gate(fit_arrays(features[train], stats[train], classes[train], COMPONENTS))
-        probabilities, distance = gate.scores(features, stats)
-        p_frontal = probabilities[:, at]
-        min_frontal, max_distance = thresholds_for(p_frontal[val_frontal], distance[val_frontal])
-        abstained = flat | (p_frontal < min_frontal) | (distance > max_distance)
-        print(f"== {name}: P(frontal) >= {min_frontal:.4f}, distance <= {max_distance:.3f}")
-        print(abstentions_by_split(abstained, splits, kinds, sources, frontal), flush=True)
+        shipped_recipe(name, features, stats, classes, splits, kinds, sources)
     print("\n".join(["cost (ms per image, best of 7):"] + lines))
     return 0
 

@@ -81,6 +81,23 @@ def abstentions_by_split(abstained: np.ndarray, splits: np.ndarray, kinds: np.nd
     return "\n".join(lines)
 
 
+def shipped_recipe(name: str, features: np.ndarray, stats: np.ndarray, classes: np.ndarray,
+                   splits: np.ndarray, kinds: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Fit the shipped recipe on the train split (64 axes, thresholds at 0.5% of validation
+    radiographs), print its thresholds and abstentions per split; returns what it abstains on."""
+    train, frontal = splits == "train", classes == "frontal"
+    val_frontal = (splits == "val") & frontal
+    gate = make_gate(fit_arrays(features[train], stats[train], classes[train], COMPONENTS))
+    probabilities, distance = gate.scores(features, stats)
+    p_frontal = probabilities[:, CLASSES.index("frontal")]
+    min_frontal, max_distance = thresholds_for(p_frontal[val_frontal], distance[val_frontal])
+    flat = stats[:, STAT_NAMES.index("std")] < FLAT_STD
+    abstained = flat | (p_frontal < min_frontal) | (distance > max_distance)
+    print(f"== {name}: P(frontal) >= {min_frontal:.4f}, distance <= {max_distance:.3f}")
+    print(abstentions_by_split(abstained, splits, kinds, sources, frontal), flush=True)
+    return abstained
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     from ml.artifact import read_metadata
