@@ -79,19 +79,14 @@ def source_balanced(classes: np.ndarray, sources: np.ndarray) -> np.ndarray:
 
 def shipped_features(model_dir: Path, samples: Sequence[Sample], cache: Path) -> np.ndarray:
     """What the model's shipped gate reads, per sample: its own network (gate.json "features") as
-    it is in the artifact, cached beside `cache` under that network's sha256."""
-    import json
-
+    it is in the artifact (never re-exported), cached beside `cache` under that network's sha256."""
     from ml.backends import usable_cpus
-    from ml.gate_features import GateFeatures
-    from ml.training.gate import extract_own_features
+    from ml.training.gate import network_features, shipped_network
 
-    block = json.loads((Path(model_dir) / "gate.json").read_text()).get("features")
-    if not block:
-        raise SystemExit(f"{model_dir}: the shipped gate reads the classifier's features")
-    extractor = GateFeatures.load(model_dir, block, threads=usable_cpus())
-    own_cache = cache.with_name(f"{cache.stem}-gate-features-{block['sha256'][:12]}.npz")
-    return extract_own_features(samples, extractor, model_dir, own_cache)
+    block = shipped_network(model_dir)
+    if block is None:
+        raise SystemExit(f"{model_dir}: the shipped gate has no intact network of its own")
+    return network_features(model_dir, block, samples, cache, usable_cpus())
 
 
 def _counts(abstained: np.ndarray, groups: list[tuple[str, np.ndarray]]) -> str:

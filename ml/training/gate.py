@@ -139,14 +139,23 @@ def own_features(model_dir: Path, samples: Sequence[Sample], cache: Path, size: 
     the features, cached beside `cache` under the network's sha256. A refit keeps the network
     the artifact already has at this size (its export is not byte-for-byte reproducible, and a
     gate must read the network it is served with); otherwise it is exported into model_dir."""
-    from ml.gate_features import SOURCE, GateFeatures, export
+    from ml.gate_features import SOURCE, export
 
     block = shipped_network(model_dir)
     if block is None or block.get("source") != SOURCE or block.get("input_size") != size:
         block = export(model_dir, size)
+    return block, network_features(model_dir, block, samples, cache, threads)
+
+
+def network_features(model_dir: Path, block: dict, samples: Sequence[Sample], cache: Path,
+                     threads: int = 1) -> np.ndarray:
+    """The network a gate.json features block names, run on every sample, cached beside `cache`
+    under the network's sha256."""
+    from ml.gate_features import GateFeatures
+
     extractor = GateFeatures.load(model_dir, block, threads=threads)
     own_cache = cache.with_name(f"{cache.stem}-gate-features-{block['sha256'][:12]}.npz")
-    return block, extract_own_features(samples, extractor, model_dir, own_cache)
+    return extract_own_features(samples, extractor, model_dir, own_cache)
 
 
 def shipped_network(model_dir: Path) -> dict | None:
