@@ -137,6 +137,14 @@ class Gate:
     info: dict
     # Its own feature network (ml/gate_features.py), or None: it reads the classifier's features.
     extractor: Any = None
+    # The polarity model, or None (gates before it): weights over the standardised statistics,
+    # then a bias. Where its log-odds that an image is a radiograph's negative are below zero
+    # they are added to the "inverted" logit: it can clear a film of being a negative, never
+    # accuse one (on photographs and pages its log-odds mean nothing). Fitted on every training
+    # radiograph beside its own inversion, it knows polarity alone; the kind classifier's
+    # "inverted" class (80 made negatives among thousands of images) also answers to framing
+    # and source (docs/experiments/gate, seventh session).
+    polarity: np.ndarray | None = None
 
     @property
     def reads_classifier(self) -> bool:
@@ -169,6 +177,9 @@ class Gate:
                 raise ValueError(f"{arrays_name} does not match its sha256")
             with np.load(arrays_path, allow_pickle=False) as npz:
                 arrays = {k: npz[k].astype(np.float32) for k in npz.files}
+            polarity = arrays.get("polarity")
+            if polarity is not None and polarity.shape != (len(STAT_NAMES) + 1,):
+                raise ValueError(f"its polarity model has shape {polarity.shape}")
             extractor = None
             if info.get("features") is not None:
                 from ml.gate_features import GateFeatures
@@ -183,7 +194,7 @@ class Gate:
                 feature_mean=arrays["feature_mean"], components=arrays["components"],
                 component_scale=arrays["component_scale"], stat_mean=arrays["stat_mean"],
                 stat_scale=arrays["stat_scale"], weights=arrays["weights"], bias=arrays["bias"],
-                info=info, extractor=extractor,
+                info=info, extractor=extractor, polarity=polarity,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ArtifactError("invalid_model", f"input gate in {model_dir} is unusable: {exc}") from exc
@@ -204,6 +215,9 @@ class Gate:
         """Class probabilities (N, classes) and mean squared Mahalanobis distance (N,)."""
         z, s = self.inputs(features, stats)
         logits = np.concatenate([z, s], axis=1) @ self.weights.T + self.bias
+        if self.polarity is not None:  # it may clear an image of being a negative, never accuse one
+            log_odds = s @ self.polarity[:-1] + self.polarity[-1]
+            logits[:, self.classes.index("inverted")] += np.minimum(log_odds, 0.0)
         logits -= logits.max(axis=1, keepdims=True)
         probabilities = np.exp(logits)
         probabilities /= probabilities.sum(axis=1, keepdims=True)

@@ -23,12 +23,14 @@ validation radiographs'. Results: docs/experiments/gate/README.md ("Fourth sessi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from ml.gate import FLAT_STD, STAT_NAMES
 from ml.training.gate import (
@@ -43,12 +45,15 @@ from ml.training.gate import (
 )
 from ml.training.gate_data import (
     KIND_CLASS,
+    Pixels,
     Sample,
+    _decoded,
     _derived,
     all_samples,
     cv_folds,
     cv_groups,
     frontal_samples,
+    inverted_pairs,
 )
 
 
@@ -64,6 +69,64 @@ def unreadable(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     else:
         y = x * rng.uniform(0.03, 0.08) + rng.uniform(0.05, 0.9) + rng.normal(0, 0.02, x.shape)
     return np.clip(y, 0, 1)
+
+
+def _figure_like(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A frontal radiograph as it may arrive from outside a PACS: a figure of a case report or a
+    screen capture (cropped or framed by a border, a few arrows or letters on it, its contrast
+    and brightness re-windowed, tilted slightly), still a film the classifier may read."""
+    h, w = x.shape
+    y = x
+    if rng.random() < 0.6:  # cropped in
+        ch, cw = int(h * rng.uniform(0.75, 1.0)), int(w * rng.uniform(0.75, 1.0))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        y = y[top:top + ch, left:left + cw]
+    # re-windowed: gamma, then a narrower or washed-out range
+    y = np.clip(y, 0, 1) ** rng.uniform(0.6, 1.6)
+    low, high = rng.uniform(0.0, 0.25), rng.uniform(0.7, 1.0)
+    y = low + (high - low) * y if rng.random() < 0.5 else np.clip((y - low) / (high - low), 0, 1)
+    im = Image.fromarray((np.clip(y, 0, 1) * 255).astype(np.uint8))
+    if rng.random() < 0.5:
+        im = im.rotate(float(rng.uniform(-5, 5)), resample=Image.Resampling.BILINEAR,
+                       fillcolor=int(rng.choice([0, 255])))
+    if rng.random() < 0.5:  # framed: a border of the page or the screen
+        side = [int(s * rng.uniform(0.02, 0.15)) for s in (im.width, im.height) * 2]
+        canvas = Image.new("L", (im.width + side[0] + side[2], im.height + side[1] + side[3]),
+                           int(rng.choice([0, 255, int(rng.integers(0, 256))])))
+        canvas.paste(im, (side[0], side[1]))
+        im = canvas
+    draw = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(0, 4))):  # arrows and letters of a figure
+        ink = int(rng.choice([0, 255]))
+        x0, y0 = int(rng.integers(0, im.width)), int(rng.integers(0, im.height))
+        if rng.random() < 0.5:
+            dx, dy = (int(v) for v in rng.integers(-im.width // 8, im.width // 8 + 1, 2))
+            draw.line([x0, y0, x0 + dx, y0 + dy], fill=ink, width=max(1, im.width // 150))
+            draw.ellipse([x0 - 3, y0 - 3, x0 + 3, y0 + 3], fill=ink)
+        else:
+            draw.text((x0, y0), str(rng.choice(list("ABCDLR"))), fill=ink)
+    return np.asarray(im, np.float32) / 255.0
+
+
+def frontal_variants(frontal: Sequence[Sample], per_image: int, seed: int = 3) -> list[Sample]:
+    """per_image figure-like variants (_figure_like) of every radiograph in `frontal` (the
+    caller passes the gate's training radiographs),
+    each JPEG- or PNG-encoded and decoded as an upload is; kind frontal_variant, class frontal,
+    for fitting only (they are never counted as radiographs)."""
+    out = []
+    for base in frontal:
+        for i in range(per_image):
+            def load(base: Sample = base, i: int = i) -> Pixels:
+                rng = np.random.default_rng([seed, i, int(hashlib.sha256(base.key.encode())
+                                                          .hexdigest()[:8], 16)])
+                side = int(rng.integers(256, 900))
+                pixels = base.load()[0]
+                im = Image.fromarray((_figure_like(pixels, rng) * 255).astype(np.uint8))
+                im.thumbnail((side, side))
+                return _decoded(np.asarray(im), "JPEG" if rng.random() < 0.7 else "PNG")
+            out.append(Sample(f"figure{i}:{base.key}", "frontal_variant", "train", base.source,
+                              base.label, load))
+    return out
 
 
 def source_balanced(classes: np.ndarray, sources: np.ndarray) -> np.ndarray:
@@ -106,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", choices=["classifier", "shipped"], default="classifier",
                         help="the classifier's pooled features, or the network the model's shipped "
                         "gate reads (gate.json 'features', as served)")
+    parser.add_argument("--figures", action="store_true",
+                        help="also make a figure-like variant of every radiograph the gate may fit "
+                        "on (gate_data.frontal_variants) for the variants that name them")
+    parser.add_argument("--inverted-pairs", action="store_true",
+                        help="also the inversion of every radiograph the gate may fit on "
+                        "(gate_data.inverted_pairs), for the variants that name them")
     parser.add_argument("--only", nargs="*", help="run the variants whose names contain these")
     parser.add_argument("--rule", action="append", nargs=2, metavar=("RULE", "TARGET"),
                         dest="rules", help="threshold rule (pooled or per-source) and the most each "
@@ -119,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             if s.key not in chosen and s.split == "train" and s.source not in TRAIN_ONLY_SOURCES]
     candidates = _derived("poor_exposure", [s for s in samples if s.kind == "frontal"], 80, 2,
                           unreadable, prefix="unreadable")
-    samples = samples + rest + candidates
+    # Figure-like variants of every radiograph the gate may fit on (class frontal, never scored).
+    bases = [s for s in samples + rest if s.kind == "frontal" and s.split in ("train", "cv")
+             and (s.split == "cv" or gate_split(s) == "train")]
+    figures = frontal_variants(bases, 1) if args.figures else []
+    pairs = inverted_pairs(bases) if args.inverted_pairs else []
+    samples = samples + rest + candidates + figures + pairs
     data = extract(samples, args.model, args.cache)
     if args.features == "shipped":
         data = {**data, "features": shipped_features(args.model, samples, args.cache)}
@@ -128,14 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     classes = np.array([KIND_CLASS[s.kind] for s in samples])
     kinds = np.array(["unreadable" if s.key.startswith("unreadable:") else s.kind for s in samples])
     sources = np.array([s.source for s in samples])
-    frontal, pool = classes == "frontal", splits != "test"
+    figure = kinds == "frontal_variant"
+    pair = kinds == "inverse"
+    frontal, pool = kinds == "frontal", splits != "test"
     fold = cv_folds(cv_groups(samples, args.cxr, args.ood), args.folds)
     flat = stats[:, STAT_NAMES.index("std")] < FLAT_STD
     old_poor, new_poor, cv_only = kinds == "poor_exposure", kinds == "unreadable", splits == "cv"
     ones = np.ones(len(samples))
     balanced = source_balanced(classes, sources)
 
-    # name -> (which samples may enter a fit, sample weights, whitening shrinkage)
+    # name -> (which samples may enter a fit, sample weights, whitening shrinkage); the figure-like
+    # variants enter only the variants that name them
     Variant = tuple[np.ndarray, np.ndarray, float]
     variants: dict[str, Callable[[], Variant]] = {
         "25% of training radiographs (shipped)": lambda: (~cv_only & ~new_poor, ones, 0.0),
@@ -146,14 +223,32 @@ def main(argv: list[str] | None = None) -> int:
         "all, sources weighted equally, unreadable exposures": lambda: (~old_poor, balanced, 0.0),
         "25%, whitening shrunk by 0.05": lambda: (~cv_only & ~new_poor, ones, 0.05),
         "25%, whitening shrunk by 1": lambda: (~cv_only & ~new_poor, ones, 1.0),
+        "all + figure-like radiographs": lambda: (~new_poor, ones, 0.0),
+        "all + figure-like radiographs, not in the distance": lambda: (~new_poor, ones, 0.0),
+        "all + inverted pairs": lambda: (~new_poor, ones, 0.0),
+        "all + figure-like radiographs + inverted pairs": lambda: (~new_poor, ones, 0.0),
+        "all + polarity model (inverted pairs)": lambda: (~new_poor, ones, 0.0),
+        "all + figure-like radiographs + polarity model (inverted pairs)":
+            lambda: (~new_poor, ones, 0.0),
     }
     shipped_cv: tuple[float, float] | None = None
     for name, make in variants.items():
         if args.only and not any(word in name for word in args.only):
             continue
         allowed, weights, shrink = make()
+        if "figure-like" not in name:
+            allowed = allowed & ~figure
+        elif not figure.any():
+            continue
+        if "inverted pairs" not in name:
+            allowed = allowed & ~pair
+        elif not pair.any():
+            continue
+        axes = ~figure if name.endswith("not in the distance") else None
+        inverses = pair if "polarity model" in name else None
         p_frontal, distance = out_of_fold(data, classes, pool & allowed, pool, fold,
-                                          args.components, 0.1, sample_weight=weights, shrink=shrink)
+                                          args.components, 0.1, sample_weight=weights, shrink=shrink,
+                                          axes_rows=axes, inverses=inverses)
         scored = pool & frontal
         for rule, target in rules:
             thresholds = thresholds_for(p_frontal[scored], distance[scored], target,
@@ -169,10 +264,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  radiographs abstained by P(frontal): {int((scored & (p_frontal < thresholds[0])).sum())}"
                   f", by distance: {int((scored & (distance > thresholds[1])).sum())}")
             print("  other kinds: " + _counts(abstained, [
-                (k, pool & (kinds == k)) for k in np.unique(kinds[pool & ~frontal])]), flush=True)
+                (k, pool & (kinds == k) & ~pair) for k in np.unique(kinds[pool & ~frontal & ~figure])]),
+                flush=True)
+            if figure.any():
+                print("  figure-like radiographs: " + _counts(abstained, [("all", pool & figure)]))
 
     # The shipped fit (train split) at the shipped thresholds and at the cross-validated ones.
-    train = (splits == "train") & ~new_poor
+    train = (splits == "train") & ~new_poor & ~figure & ~pair
     gate = make_gate(fit_arrays(data["features"][train], stats[train], classes[train], args.components))
     probabilities, distance = gate.scores(data["features"], stats)
     p_frontal = probabilities[:, CLASSES.index("frontal")]

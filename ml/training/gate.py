@@ -22,7 +22,15 @@ import numpy as np
 
 from ml.artifact import read_metadata, sha256_file
 from ml.gate import GATE_FORMAT, INT8_VARIANT, STAT_NAMES, Gate, gate_files, image_statistics
-from ml.training.gate_data import KIND_CLASS, Sample, all_samples, cv_folds, cv_groups, split_of
+from ml.training.gate_data import (
+    KIND_CLASS,
+    Sample,
+    all_samples,
+    cv_folds,
+    cv_groups,
+    inverted_pairs,
+    split_of,
+)
 
 CLASSES = ("frontal", "lateral", "ct", "other", "inverted", "poor")
 CLASS_REASONS = {"lateral": "not_frontal", "ct": "other_modality", "other": "not_chest_xray",
@@ -40,6 +48,7 @@ FRONTAL_ABSTAIN_TARGET = 0.005  # per threshold, on validation radiographs
 THRESHOLD_RULES = ("pooled", "per-source", "cross-validated")
 CV_TARGET = 0.02
 CV_FOLDS = 5
+POLARITY_C = 1.0  # the polarity model's inverse regularisation (0.1 and 10 measured alike)
 
 
 def gate_split(sample: Sample, val_for_train_only: bool = False) -> str:
@@ -179,15 +188,29 @@ def _save_cache(cache: Path, done: dict) -> None:
 
 def fit_arrays(features: np.ndarray, stats: np.ndarray, classes: Sequence[str],
                components: int = 64, c: float = 0.1, seed: int = 0,
-               sample_weight: np.ndarray | None = None, shrink: float = 0.0) -> dict[str, np.ndarray]:
+               sample_weight: np.ndarray | None = None, shrink: float = 0.0,
+               axes_rows: np.ndarray | None = None,
+               inverses: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Principal axes of the frontal features, statistic scales and the classifier's weights
     (sample_weight: per image, multiplying the classes' balancing weights; shrink: added to each
     axis' variance, as a fraction of the axes' mean variance, so that the narrowest axes do not
-    dominate the distance)."""
+    dominate the distance; axes_rows: which frontal rows the axes and distance are fitted on,
+    default all). inverses: the rows that are the inversions of radiographs (gate_data.
+    inverted_pairs); they fit only the polarity model ("polarity": its weights over the
+    standardised statistics, then its bias), radiographs against them."""
     from sklearn.linear_model import LogisticRegression
 
     classes = np.asarray(classes)
-    frontal = features[classes == "frontal"]
+    if inverses is not None and inverses.any():
+        polarity_x = np.concatenate([stats[(classes == "frontal") & ~inverses], stats[inverses]])
+        polarity_y = np.r_[np.zeros(len(polarity_x) - int(inverses.sum())), np.ones(int(inverses.sum()))]
+        keep = ~inverses
+        features, stats, classes = features[keep], stats[keep], classes[keep]
+        sample_weight = None if sample_weight is None else sample_weight[keep]
+        axes_rows = None if axes_rows is None else axes_rows[keep]
+    else:
+        polarity_x = None
+    frontal = features[(classes == "frontal") & (True if axes_rows is None else axes_rows)]
     mean = frontal.mean(axis=0)
     _, sv, vt = np.linalg.svd(frontal - mean, full_matrices=False)
     k = min(components, len(frontal) - 1)
@@ -201,9 +224,14 @@ def fit_arrays(features: np.ndarray, stats: np.ndarray, classes: Sequence[str],
     model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=seed)
     model.fit(x, classes, sample_weight=sample_weight)
     order = [list(model.classes_).index(name) for name in CLASSES]
-    return {"feature_mean": mean, "components": vt[:k], "component_scale": scale,
-            "stat_mean": stat_mean, "stat_scale": stat_scale,
-            "weights": model.coef_[order], "bias": model.intercept_[order]}
+    arrays = {"feature_mean": mean, "components": vt[:k], "component_scale": scale,
+              "stat_mean": stat_mean, "stat_scale": stat_scale,
+              "weights": model.coef_[order], "bias": model.intercept_[order]}
+    if polarity_x is not None:
+        polarity = LogisticRegression(C=POLARITY_C, max_iter=5000, random_state=seed).fit(
+            (polarity_x - stat_mean) / stat_scale, polarity_y)
+        arrays["polarity"] = np.r_[polarity.coef_[0], polarity.intercept_]
+    return arrays
 
 
 def out_of_fold(data: dict[str, np.ndarray], classes: np.ndarray, fit: np.ndarray,
@@ -228,7 +256,7 @@ def make_gate(arrays: dict[str, np.ndarray], min_frontal: float = 0.5,
     a = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
     return Gate("unsaved", CLASSES, dict(CLASS_REASONS), min_frontal, max_distance, a["feature_mean"],
                 a["components"], a["component_scale"], a["stat_mean"], a["stat_scale"],
-                a["weights"], a["bias"], {})
+                a["weights"], a["bias"], {}, polarity=a.get("polarity"))
 
 
 def choose_thresholds(gate: Gate, features: np.ndarray, stats: np.ndarray,
@@ -282,6 +310,10 @@ def write_gate(model_dir: Path, arrays: dict[str, np.ndarray], thresholds: tuple
         + f", whitened on {arrays['components'].shape[0]} principal axes of training radiographs",
         "features": features,
         "image_statistics": list(STAT_NAMES),
+        "polarity": None if "polarity" not in arrays else (
+            "logistic regression over the standardised image statistics (gate.npz 'polarity': "
+            "weights, then bias), fitted on training radiographs beside their own inversions; "
+            "its log-odds, where negative, are added to the 'inverted' class's logit"),
         "classes": list(CLASSES),
         "class_reasons": CLASS_REASONS,
         "thresholds": {"min_frontal_probability": thresholds[0], "max_distance": thresholds[1],
@@ -313,10 +345,15 @@ def fit_gate(model_dir: Path, samples: Sequence[Sample], data: dict[str, np.ndar
     splits = np.array(gate_splits(samples, rule))
     classes = np.array([KIND_CLASS[s.kind] for s in samples])
     sources = np.array([s.source for s in samples])
-    train, val = splits == "train", (splits == "val") & (classes == "frontal")
-    arrays = fit_arrays(data["features"][train], data["stats"][train], classes[train], components, c)
+    radiograph = np.array([s.kind == "frontal" for s in samples])  # not made ones (experiments)
+    inverses = np.array([s.kind == "inverse" for s in samples])  # for the polarity model only
+    train, val = splits == "train", (splits == "val") & radiograph
+    arrays = fit_arrays(data["features"][train], data["stats"][train], classes[train], components, c,
+                        inverses=inverses[train])
     summary: dict[str, Any] = {
-        "fit_images_per_class": {k: int(((classes == k) & train).sum()) for k in CLASSES},
+        "fit_images_per_class": {k: int(((classes == k) & train & ~inverses).sum())
+                                 for k in CLASSES},
+        "polarity_pairs": int((train & inverses).sum()),
         "val_frontal_images": int(val.sum()), "components": int(arrays["components"].shape[0]),
         "C": c, "distance_margin": distance_margin}
     if rule == "cross-validated":
@@ -324,12 +361,12 @@ def fit_gate(model_dir: Path, samples: Sequence[Sample], data: dict[str, np.ndar
             raise ValueError("the cross-validated rule needs each sample's group")
         pool = splits != "test"
         p_frontal, distance = out_of_fold(data, classes, pool, pool, cv_folds(groups, CV_FOLDS),
-                                          components, c)
-        scored = pool & (classes == "frontal")
+                                          components, c, inverses=inverses)
+        scored = pool & radiograph
         min_frontal, max_distance = thresholds_for(p_frontal[scored], distance[scored], CV_TARGET,
                                                    sources[scored])
         summary["cross_validation"] = {"folds": CV_FOLDS, "radiographs": int(scored.sum()),
-                                       "images": int(pool.sum())}
+                                       "images": int((pool & ~inverses).sum())}
     else:
         min_frontal, max_distance = choose_thresholds(
             make_gate(arrays), data["features"][val], data["stats"][val],
@@ -373,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of the model's training radiographs the gate fits on "
                         "(default: %(default)s; 1 for a gate with a network of its own, which "
                         "never saw them)")
+    parser.add_argument("--polarity", action="store_true",
+                        help="fit a polarity model too, on each training radiograph beside its own "
+                        "inversion (gate_data.inverted_pairs): its log-odds join the 'inverted' class")
     parser.add_argument("--quick", action="store_true",
                         help="development/test models: fit on a small set in a minute, no report")
     args = parser.parse_args(argv)
@@ -393,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache or Path("bench/out") / f"gate-{meta.model_version}{suffix}.npz"
     samples = all_samples(args.model, args.cxr, args.ood, train_fraction=args.train_fraction,
                           keep_sources=TRAIN_ONLY_SOURCES, min_per_source=args.min_per_source)
+    bases = [s for s in samples if s.kind == "frontal" and gate_split(s) == "train"]
+    if args.polarity:
+        samples += inverted_pairs(bases)
     data = extract(samples, args.model, cache, backend=args.backend)
     features = None
     if args.features != "classifier":

@@ -28,9 +28,10 @@ from ml.imaging import decode_image
 Pixels = tuple[np.ndarray, dict[str, Any]]
 SPLITS = ("train", "val", "test")
 # Kind -> the class the gate's classifier learns for it.
-KIND_CLASS = {"frontal": "frontal", "lateral_xray": "lateral", "ct": "ct", "photo": "other",
-              "document": "other", "microscopy": "other", "noise": "other", "flat": "poor",
-              "inverted": "inverted", "poor_exposure": "poor"}
+KIND_CLASS = {"frontal": "frontal", "frontal_variant": "frontal", "lateral_xray": "lateral",
+              "ct": "ct", "photo": "other", "document": "other", "microscopy": "other",
+              "noise": "other", "flat": "poor", "inverted": "inverted", "poor_exposure": "poor",
+              "inverse": "inverted"}
 # Base images inside the scikit-image wheel, by the split they serve (none is downloaded).
 PHOTO_BASES = {"train": ["astronaut", "chelsea", "coffee", "rocket", "grass", "moon", "clock"],
                "val": ["camera", "coins", "brick"],
@@ -245,6 +246,17 @@ def _badly_exposed(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(y, 0, 1)
 
 
+def inverted_pairs(frontal: Sequence[Sample]) -> list[Sample]:
+    """The inversion (1 - x) of every radiograph in `frontal` (the caller passes the gate's
+    training radiographs), kind inverse, split train: beside each film its own negative, for the
+    gate's polarity model, which then learns polarity alone, not source or framing."""
+    def load(base: Sample) -> Pixels:
+        pixels, attrs = base.load()
+        return (1.0 - pixels).astype(np.float32), attrs
+    return [Sample(f"inverse:{base.key}", "inverse", "train", base.source, "inverted",
+                   lambda base=base: load(base)) for base in frontal]
+
+
 def all_samples(model_dir: Path, cxr_dir: Path, ood_dir: Path, scale: int = 1,
                 train_fraction: float = 0.25, keep_sources: Sequence[str] = (),
                 min_per_source: int = 0) -> list[Sample]:
@@ -286,7 +298,9 @@ def cv_groups(samples: Sequence[Sample], cxr_dir: Path, ood_dir: Path) -> np.nda
             patient.update({r["file"]: r["patient_id"] or r["file"] for r in csv.DictReader(f)})
     out = []
     for s in samples:
-        base = s.key.split(":", 1)[1] if s.kind in ("inverted", "poor_exposure") else s.key
+        base = (s.key.split(":", 1)[1]
+                if s.kind in ("inverted", "poor_exposure", "frontal_variant", "inverse")
+                else s.key)
         if base in patient:
             out.append(patient[base])
         elif s.source not in ("synthetic", "lfw"):

@@ -117,3 +117,59 @@ def test_thresholds_come_from_the_artifact(model_copy: Path):
     assert predictor.gate.min_frontal_probability == 1.01
     results = predictor.predict([x.pixels for x in _xrays()])
     assert all(r.label == INDETERMINATE and r.abstain_reason for r in results)
+
+
+def _polarity_gate(polarity: np.ndarray | None) -> Gate:
+    """A two-feature gate whose kind classifier calls images with feature 0 > 0 inverted."""
+    from ml.training.gate import CLASSES, make_gate
+
+    stats = len(STAT_NAMES)
+    weights = np.zeros((len(CLASSES), 2 + stats))
+    weights[CLASSES.index("inverted"), 0] = 4.0
+    arrays = {"feature_mean": np.zeros(2), "components": np.eye(2), "component_scale": np.ones(2),
+              "stat_mean": np.zeros(stats), "stat_scale": np.ones(stats), "weights": weights,
+              "bias": np.where(np.array(CLASSES) == "frontal", 5.0, 0.0)}
+    if polarity is not None:
+        arrays["polarity"] = polarity
+    return make_gate(arrays)
+
+
+def test_the_polarity_model_clears_a_film_called_inverted_but_never_accuses_one():
+    stats = np.zeros((3, len(STAT_NAMES)), np.float32)
+    stats[:, STAT_NAMES.index("std")] = 0.2
+    m = STAT_NAMES.index("mediastinum_minus_lungs")
+    stats[:, m] = [0.3, 0.3, -0.3]  # mediastinum brighter than the lungs: a positive film
+    features = np.array([[3.0, 0.0], [-3.0, 0.0], [3.0, 0.0]], np.float32)
+    # polarity log-odds: -50 x mediastinum_minus_lungs (a positive film: -15; its negative: +15)
+    polarity = np.zeros(len(STAT_NAMES) + 1)
+    polarity[m] = -50.0
+    without, _ = _polarity_gate(None).scores(features, stats)
+    with_, _ = _polarity_gate(polarity).scores(features, stats)
+    frontal = 0
+    assert without[0, frontal] < 0.1 and with_[0, frontal] > 0.9  # called inverted, cleared
+    # a film the kind classifier answers stays answered; a negative it calls inverted stays
+    # exactly as it was: the polarity model may lower "inverted", never raise it
+    assert abs(with_[1, frontal] - without[1, frontal]) < 1e-6 and with_[1, frontal] > 0.9
+    np.testing.assert_allclose(with_[2], without[2], rtol=1e-6)
+    assert with_[2, frontal] < 0.1
+
+
+def test_a_gate_with_a_malformed_polarity_model_is_unusable(model_copy: Path):
+    from ml.artifact import sha256_file
+
+    meta = read_metadata(model_copy)
+    assert Gate.load(model_copy, meta).polarity is None  # a gate from before it still loads
+    with np.load(model_copy / GATE_ARRAYS_FILE) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+
+    def write(polarity: np.ndarray) -> None:
+        np.savez(model_copy / GATE_ARRAYS_FILE, **{**arrays, "polarity": polarity})
+        info = json.loads((model_copy / GATE_FILE).read_text())
+        info["arrays_sha256"] = sha256_file(model_copy / GATE_ARRAYS_FILE)
+        (model_copy / GATE_FILE).write_text(json.dumps(info))
+
+    write(np.zeros(len(STAT_NAMES) + 1, np.float32))
+    assert Gate.load(model_copy, meta).polarity.shape == (len(STAT_NAMES) + 1,)
+    write(np.zeros(3, np.float32))
+    with pytest.raises(ArtifactError, match="polarity"):
+        Gate.load(model_copy, meta)

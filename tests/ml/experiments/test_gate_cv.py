@@ -68,3 +68,20 @@ def test_unreadable_exposures_leave_little_of_the_film() -> None:
         clipped = np.mean((y <= 0.0) | (y >= 1.0))
         contrast = abs(np.corrcoef(x.ravel(), y.ravel())[0, 1])
         assert clipped > 0.8 or contrast < 0.7 or y.std() < 0.05
+
+
+def test_figure_like_variants_stay_films_grouped_with_their_base() -> None:
+    from ml.experiments.gate_cv import _figure_like, frontal_variants
+    from ml.training.gate_data import Sample
+
+    film = np.tile(np.linspace(0.1, 0.9, 300, dtype=np.float32), (360, 1))
+    for seed in range(20):
+        out = _figure_like(film, np.random.default_rng(seed))
+        assert out.ndim == 2 and out.min() >= 0.0 and out.max() <= 1.0
+        assert 0.6 * 360 <= out.shape[0] <= 1.4 * 360  # cropped in or framed, not resized away
+    base = Sample("images/x.png", "frontal", "train", "src", "covid", lambda: (film, {}))
+    [variant] = frontal_variants([base], 1)
+    assert (variant.kind, variant.split, variant.source) == ("frontal_variant", "train", "src")
+    assert variant.key.split(":", 1)[1] == base.key  # cv_groups puts it with its base's patient
+    pixels, _ = variant.load()
+    assert pixels.ndim == 2 and max(pixels.shape) <= 900

@@ -146,3 +146,42 @@ def test_cross_validated_thresholds_meet_the_target_per_source_and_never_read_te
                         rule="cross-validated", groups=groups)
     assert again["thresholds"]["max_distance"] == chosen["max_distance"]
     assert again["thresholds"]["min_frontal_probability"] == chosen["min_frontal_probability"]
+
+
+def test_inverted_pairs_are_each_film_s_negative_kept_in_its_fold_and_fit_only_polarity() -> None:
+    from ml.training.gate import fit_arrays
+    from ml.training.gate_data import cv_folds, cv_groups, inverted_pairs
+
+    samples = all_samples(REPO / "models" / "current", CXR, OOD, keep_sources=TRAIN_ONLY_SOURCES)
+    bases = [s for s in samples if s.kind == "frontal" and gate_split(s) == "train"][:40]
+    pairs = inverted_pairs(bases)
+    film, negative = bases[0].load()[0], pairs[0].load()[0]
+    np.testing.assert_allclose(negative, 1.0 - film)
+    assert {p.kind for p in pairs} == {"inverse"} and {p.split for p in pairs} == {"train"}
+    folds = dict(zip((s.key for s in bases + pairs),
+                     cv_folds(cv_groups(bases + pairs, CXR, OOD)), strict=True))
+    assert all(folds[p.key] == folds[b.key] for b, p in zip(bases, pairs, strict=True))
+
+    # On made data: the polarity model tells films from their negatives by the statistics; the
+    # rest of the gate is fitted exactly as without the pairs.
+    rng = np.random.default_rng(0)
+    m = STAT_NAMES.index("mediastinum_minus_lungs")
+    n = 200
+    features = rng.normal(0, 1, (n, 6))
+    stats = rng.normal(0, 1, (n, len(STAT_NAMES)))
+    stats[:, m] = np.abs(stats[:, m]) + 0.05
+    classes = np.array(["frontal"] * 100 + ["lateral", "ct", "other", "inverted", "poor"] * 20)
+    features[100:] += 4.0
+    negatives = stats[:100].copy()
+    negatives[:, m] *= -1
+    plain = fit_arrays(features, stats, classes, components=4, c=1.0)
+    paired = fit_arrays(np.concatenate([features, features[:100]]),
+                        np.concatenate([stats, negatives]),
+                        np.concatenate([classes, ["inverted"] * 100]), components=4, c=1.0,
+                        inverses=np.r_[np.zeros(n, bool), np.ones(100, bool)])
+    assert "polarity" not in plain
+    for name, value in plain.items():
+        np.testing.assert_allclose(paired[name], value, rtol=1e-5, atol=1e-6)
+    z = (np.concatenate([stats[:100], negatives]) - paired["stat_mean"]) / paired["stat_scale"]
+    log_odds = z @ paired["polarity"][:-1] + paired["polarity"][-1]
+    assert (log_odds[:100] < 0).all() and (log_odds[100:] > 0).all()
