@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+# Two test processes, each taking whole files (module fixtures are built once): much of the
+# suite waits on real workers, browsers and PACS round trips, so two processes on two cores
+# take half the time of one (docs/benchmarks.md, "The test suite"). PYTEST_ARGS="" runs one.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: run test lint dev-model clean
 
