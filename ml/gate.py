@@ -208,15 +208,25 @@ class Gate:
         """Whitened feature projections (N, k) and standardised statistics (N, s)."""
         z = (np.asarray(features, np.float32) - self.feature_mean) @ self.components.T
         z /= self.component_scale
-        s = (np.asarray(stats, np.float32) - self.stat_mean) / self.stat_scale
-        return z, s
+        return z, self.standardised(stats)
+
+    def standardised(self, stats: np.ndarray) -> np.ndarray:
+        """Image statistics (N, s) as the fitted models read them."""
+        return (np.asarray(stats, np.float32) - self.stat_mean) / self.stat_scale
+
+    def polarity_log_odds(self, standardised: np.ndarray) -> np.ndarray | None:
+        """Per image, the polarity model's log-odds that it is a radiograph's negative (None: no
+        polarity model), from standardised() statistics."""
+        if self.polarity is None:
+            return None
+        return standardised @ self.polarity[:-1] + self.polarity[-1]
 
     def scores(self, features: np.ndarray, stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities (N, classes) and mean squared Mahalanobis distance (N,)."""
         z, s = self.inputs(features, stats)
         logits = np.concatenate([z, s], axis=1) @ self.weights.T + self.bias
-        if self.polarity is not None:  # it may clear an image of being a negative, never accuse one
-            log_odds = s @ self.polarity[:-1] + self.polarity[-1]
+        log_odds = self.polarity_log_odds(s)
+        if log_odds is not None:  # it may clear an image of being a negative, never accuse one
             logits[:, self.classes.index("inverted")] += np.minimum(log_odds, 0.0)
         logits -= logits.max(axis=1, keepdims=True)
         probabilities = np.exp(logits)
@@ -228,13 +238,21 @@ class Gate:
         """One Assessment per image; tags and blank images decide first, then the fitted model."""
         probabilities, distances = self.scores(features, stats)
         frontal = self.classes.index("frontal")
+        log_odds = self.polarity_log_odds(self.standardised(stats))
+        negative = np.ones(len(stats), bool) if log_odds is None else log_odds > 0
         out = []
-        for p, d, st, attrs in zip(probabilities, distances, stats, attributes, strict=True):
+        for p, d, st, neg, attrs in zip(probabilities, distances, stats, negative, attributes,
+                                        strict=True):
             reason = tag_reason(attrs)
             if reason is None and st[STAT_NAMES.index("std")] < FLAT_STD:
                 reason = "poor_quality"
             if reason is None and p[frontal] < self.min_frontal_probability:
-                others = [(q, c) for q, c in zip(p, self.classes, strict=True) if c != "frontal"]
+                # "Inverted" tells the user: a radiograph with its grey levels reversed. Where the
+                # polarity model (which knows radiographs and their negatives) says this is no
+                # negative, the next kind names the reason: the same abstention, truer words
+                # (a white page of text is not an inverted X-ray).
+                others = [(q, c) for q, c in zip(p, self.classes, strict=True)
+                          if c != "frontal" and (c != "inverted" or neg)]
                 reason = self.class_reasons[max(others)[1]]
             if reason is None and d > self.max_distance:
                 reason = "unrecognised"

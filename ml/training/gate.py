@@ -413,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--polarity", action="store_true",
                         help="fit a polarity model too, on each training radiograph beside its own "
                         "inversion (gate_data.inverted_pairs): its log-odds join the 'inverted' class")
+    parser.add_argument("--report-only", action="store_true",
+                        help="refit nothing: measure the artifact's own gate with the code served "
+                        "now and write its report (give the fit's --polarity and --threshold-rule, "
+                        "so that the same images are read and split as when it was fitted)")
     parser.add_argument("--quick", action="store_true",
                         help="development/test models: fit on a small set in a minute, no report")
     args = parser.parse_args(argv)
@@ -431,6 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     variant = INT8_VARIANT if args.backend == "onnx-int8" else ""
     suffix = f"+{variant}" if variant else ""
     cache = args.cache or Path("bench/out") / f"gate-{meta.model_version}{suffix}.npz"
+    if args.report_only:  # before reading thousands of images
+        engine_sha256 = None
+        if variant:
+            from ml.backends import INT8_INFO_FILE, read_onnx_info
+
+            engine_sha256 = read_onnx_info(args.model, meta, INT8_INFO_FILE)["sha256"]
+        gate = Gate.load(args.model, meta, variant, engine_sha256)
+        if gate is None:
+            parser.error(f"{args.model} has no input gate to measure")
     samples = all_samples(args.model, args.cxr, args.ood, train_fraction=args.train_fraction,
                           keep_sources=TRAIN_ONLY_SOURCES, min_per_source=args.min_per_source)
     bases = [s for s in samples if s.kind == "frontal" and gate_split(s) == "train"]
@@ -438,6 +451,17 @@ def main(argv: list[str] | None = None) -> int:
         samples += inverted_pairs(bases)
     data = extract(samples, args.model, cache, backend=args.backend)
     features = None
+    if args.report_only:
+        from ml.backends import usable_cpus
+
+        if gate.extractor is not None:
+            block = gate.extractor.info
+            data = {**data, "features": network_features(args.model, block, samples, cache,
+                                                          usable_cpus())}
+        report = write_report(args.report, gate, samples, data,
+                              gate_splits(samples, args.threshold_rule))
+        print(f"measured {gate.version} as served now: {report}")
+        return 0
     if args.features != "classifier":
         from ml.backends import usable_cpus
 

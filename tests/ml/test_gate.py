@@ -119,13 +119,15 @@ def test_thresholds_come_from_the_artifact(model_copy: Path):
     assert all(r.label == INDETERMINATE and r.abstain_reason for r in results)
 
 
-def _polarity_gate(polarity: np.ndarray | None) -> Gate:
-    """A two-feature gate whose kind classifier calls images with feature 0 > 0 inverted."""
+def _polarity_gate(polarity: np.ndarray | None, other: float = 0.0) -> Gate:
+    """A two-feature gate whose kind classifier calls images with feature 0 > 0 inverted (and,
+    with other > 0, "other" next)."""
     from ml.training.gate import CLASSES, make_gate
 
     stats = len(STAT_NAMES)
     weights = np.zeros((len(CLASSES), 2 + stats))
     weights[CLASSES.index("inverted"), 0] = 4.0
+    weights[CLASSES.index("other"), 0] = other
     arrays = {"feature_mean": np.zeros(2), "components": np.eye(2), "component_scale": np.ones(2),
               "stat_mean": np.zeros(stats), "stat_scale": np.ones(stats), "weights": weights,
               "bias": np.where(np.array(CLASSES) == "frontal", 5.0, 0.0)}
@@ -154,6 +156,24 @@ def test_the_polarity_model_clears_a_film_called_inverted_but_never_accuses_one(
     assert with_[2, frontal] < 0.1
 
 
+def test_inverted_is_the_reason_only_where_the_polarity_model_says_negative():
+    """A page of text can look "inverted" to the kind classifier; the word is kept for images
+    the polarity model takes for a radiograph's negative, the abstention is kept for all."""
+    stats = np.zeros((2, len(STAT_NAMES)), np.float32)
+    stats[:, STAT_NAMES.index("std")] = 0.2
+    m = STAT_NAMES.index("mediastinum_minus_lungs")
+    stats[:, m] = [0.02, -0.02]  # log-odds -1 (not a negative, too weakly to clear it), +1
+    polarity = np.zeros(len(STAT_NAMES) + 1)
+    polarity[m] = -50.0
+    features = np.array([[3.0, 0.0], [3.0, 0.0]], np.float32)  # inverted 12, other 6, frontal 5
+    attrs = [None, None]
+    old = _polarity_gate(None, other=2.0).assess(features, stats, attrs)
+    new = _polarity_gate(polarity, other=2.0).assess(features, stats, attrs)
+    assert [a.reason for a in old] == ["inverted", "inverted"]
+    assert [a.reason for a in new] == ["not_chest_xray", "inverted"]
+    assert all(a.frontal_probability < 0.01 for a in new)  # both still abstained on
+
+
 def test_a_gate_with_a_malformed_polarity_model_is_unusable(model_copy: Path):
     from ml.artifact import sha256_file
 
@@ -173,3 +193,14 @@ def test_a_gate_with_a_malformed_polarity_model_is_unusable(model_copy: Path):
     write(np.zeros(3, np.float32))
     with pytest.raises(ArtifactError, match="polarity"):
         Gate.load(model_copy, meta)
+
+
+def test_report_only_refuses_a_model_without_a_gate_before_reading_images(model_copy: Path,
+                                                                           capsys):
+    from ml.training.gate import main
+
+    (model_copy / GATE_FILE).unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(model_copy), "--report-only", "--cxr", "/nonexistent"])
+    assert exit_info.value.code == 2
+    assert "has no input gate to measure" in capsys.readouterr().err
