@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gate import timed  # noqa: E402  (bench/gate.py)
 from record import machine, record  # noqa: E402
 
 CONVERSION = ("functional_1/caffe_to_lite_1/add", "functional_1/stem_bn_1/batchnorm/mul_1__25")
@@ -85,29 +86,24 @@ def merged(classifier, network):
     return m, gate.graph.output[0].name
 
 
-def session(model, threads: int, spinning: bool = True, profile: bool = False):
+def session(model, threads: int, profile_prefix: str | None = None):
+    """An ONNX Runtime session on an in-memory model; profile_prefix turns profiling on."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.enable_profiling = profile
-    source = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def block(run, repeats: int = 5) -> float:
-    """Median seconds of run() after one warm-up call, after a pause (no pool left spinning)."""
+    """bench/gate.py's timing after a pause, so that no pool is left spinning into this block."""
     time.sleep(0.3)
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed(run, repeats)
 
 
 def main() -> None:
@@ -156,14 +152,7 @@ def main() -> None:
              f"| {m:.2f} ({m / c:.1%}) |" for t, n, c, w, r, m in rows]
 
     with tempfile.TemporaryDirectory() as tmp:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "gate")
-        s = ort.InferenceSession(network.SerializeToString(), options,
-                                 providers=["CPUExecutionProvider"])
+        s = session(network, 1, profile_prefix=str(Path(tmp) / "gate"))
         x = rng.random((1, size, size, 3), dtype=np.float32) * 255 - 120
         runs = 30
         for _ in range(runs):
