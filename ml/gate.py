@@ -92,7 +92,8 @@ def image_statistics(pixels: np.ndarray, attributes: Mapping[str, Any] | None = 
         float(inner.mean()) - frame_mean,
         float(mid) - lung_mean,
         float(x[: hh // 3].mean() - x[2 * hh // 3:].mean()),
-        len(np.unique(np.rint(x * 255).astype(np.uint8))) / 256.0,
+        np.count_nonzero(np.bincount(np.rint(x * 255).astype(np.uint8).ravel(), minlength=256))
+        / 256.0,  # distinct grey levels (a count of occupied bins: np.unique sorts)
         float((grad > 0.25).mean()) if grad.size else 0.0,
     ], np.float32)
 

@@ -204,3 +204,15 @@ def test_report_only_refuses_a_model_without_a_gate_before_reading_images(model_
         main(["--model", str(model_copy), "--report-only", "--cxr", "/nonexistent"])
     assert exit_info.value.code == 2
     assert "has no input gate to measure" in capsys.readouterr().err
+
+
+def test_grey_levels_counts_the_distinct_levels_of_the_sample() -> None:
+    rng = np.random.default_rng(5)
+    few = rng.integers(0, 3, (200, 150)).astype(np.float32) / 2  # 3 levels
+    many = rng.random((256, 256), dtype=np.float32)
+    index = STAT_NAMES.index("grey_levels")
+    for image, step in ((few, 1), (many, 2)):
+        sample = image[::step, ::step]
+        expected = len(np.unique(np.rint(sample * 255).astype(np.uint8))) / 256.0
+        assert image_statistics(image)[index] == np.float32(expected)
+    assert image_statistics(few)[index] == np.float32(3 / 256)

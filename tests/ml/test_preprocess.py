@@ -246,3 +246,53 @@ def test_version_2_is_fast_on_a_full_size_upload() -> None:
     out = preprocess(big, 224, version="2")
     assert time.perf_counter() - start < 0.4
     assert out.shape == (224, 224, 3)
+
+
+def _plain_equalize(arr: np.ndarray) -> np.ndarray:
+    """Version 2's equalisation written the obvious way (the formula the model was trained on)."""
+    bins = np.minimum((arr * 255 + 0.5).astype(np.intp), 255)
+    cdf = np.cumsum(np.bincount(bins.ravel(), minlength=256))
+    lowest = cdf[bins.min()]
+    if cdf[-1] == lowest:
+        return arr
+    return ((cdf - lowest) / (cdf[-1] - lowest)).clip(0.0, 1.0).astype(np.float32)[bins]
+
+
+def test_fast_steps_equal_the_plain_formulas() -> None:
+    """The served steps are written for speed (one pass fewer, uint8 bins, a plane at a time);
+    their outputs must stay bit for bit those of the plain formulas on real and odd images."""
+    from ml.preprocess import _validate, border_cropped, equalize, histogram_bins
+
+    rng = np.random.default_rng(3)
+    images = [decode_image(fixture_bytes(name)).pixels for name in
+              ("cxnet__681.png", "hannover__0957ce54.png", "hannover__3a81faf3.png")]
+    images += [rng.random((300, 200), dtype=np.float32), np.zeros((20, 30), np.float32),
+               np.ones((40, 10), np.float32), np.full((9, 9), 0.5, np.float32),
+               np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)]
+    for image in images:
+        checked = _validate(image)
+        assert np.array_equal(checked, np.clip(image.astype(np.float32), 0.0, 1.0))
+        cropped = border_cropped(checked)
+        bins = histogram_bins(cropped)
+        assert bins.dtype == np.uint8
+        assert np.array_equal(bins, np.minimum((cropped * 255 + 0.5).astype(np.intp), 255))
+        assert np.array_equal(equalize(cropped), _plain_equalize(cropped))
+        gray = preprocess_gray(image)
+        assert np.array_equal(to_caffe(gray), np.stack([gray] * 3, axis=-1) - MEAN)
+        assert np.array_equal(preprocess_batch([image, image])[1], preprocess(image))
+
+
+def test_validation_clips_only_round_off_and_never_writes_into_the_input() -> None:
+    from ml.preprocess import _validate
+
+    overshoot = np.array([[-0.0005, 0.5], [1.0004, 1.0]], np.float32)
+    before = overshoot.copy()
+    assert np.array_equal(_validate(overshoot), np.clip(overshoot, 0.0, 1.0))
+    assert np.array_equal(overshoot, before)
+    for bad in (np.array([[0.5, np.nan]], np.float32), np.array([[np.inf, 0.5]]),
+                np.array([[-np.inf, 0.5]])):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            _validate(bad)
+    image = _image(30, 40)
+    preprocess(image, version="2")
+    assert np.array_equal(image, _image(30, 40))  # the caller's pixels are left as they were
