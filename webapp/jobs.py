@@ -26,13 +26,14 @@ the moves callers use; each is one ``transition()`` plus its commit.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, Update, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from webapp.models import Prediction, Study, as_utc, utcnow
@@ -103,9 +104,19 @@ class Claim:
     token: int
 
 
+# Conditions a move may add to its compare-and-set, by name (values bound at execution).
+_GUARDS: dict[str, ColumnElement[bool]] = {
+    # claim on redelivery: the study's last worker stopped beating before lease_cutoff.
+    "lease_lost": or_(Study.status == StudyStatus.QUEUED.value, Study.heartbeat_at.is_(None),
+                      Study.heartbeat_at < bindparam("lease_cutoff")),
+    # claim of a study no worker ever took.
+    "never_claimed": Study.attempts == 0,
+}
+
+
 def _on_entry(target: StudyStatus) -> dict[str, Any]:
-    """The columns every move into `target` sets besides the status."""
-    now = utcnow()
+    """The columns every move into `target` sets besides the status (the time bound as `now`)."""
+    now = bindparam("now", type_=Study.queued_at.type)
     if target is StudyStatus.QUEUED:
         return {"queued_at": now}
     if target is StudyStatus.RUNNING:
@@ -115,6 +126,25 @@ def _on_entry(target: StudyStatus) -> dict[str, Any]:
     return {"finished_at": now}
 
 
+@functools.cache
+def _statement(sources: frozenset[StudyStatus], target: StudyStatus, with_token: bool,
+               guard: str | None, field_names: tuple[str, ...]) -> Update:
+    """The UPDATE of one kind of move, built once: a worker makes two a study, and building
+    and keying the statement each time cost more than running it."""
+    guards = [Study.id == bindparam("study_id"),
+              Study.status.in_(sorted(s.value for s in sources))]
+    if with_token:
+        guards.append(Study.attempts == bindparam("token"))
+    if guard is not None:
+        guards.append(_GUARDS[guard])
+    columns = Study.__table__.c
+    values = {**_on_entry(target),
+              **{name: bindparam(f"set_{name}", type_=columns[name].type) for name in field_names},
+              "status": target.value}
+    return (update(Study).where(*guards).values(values).returning(Study.attempts)
+            .execution_options(synchronize_session=False))
+
+
 def transition(
     session: Session,
     study_id: str,
@@ -122,7 +152,8 @@ def transition(
     target: StudyStatus,
     *,
     token: Claim | None = None,
-    guard: ColumnElement[bool] | None = None,
+    guard: str | None = None,
+    guard_params: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> int | None:
     """Move one study from any of `sources` to `target`; its attempt count after the move if
@@ -132,16 +163,16 @@ def transition(
     is a bug in the caller, not a race: it raises TransitionError before any
     SQL runs. An allowed move is one compare-and-set UPDATE, guarded by the
     study's status being one of `sources` and, when `token` is given, by
-    `attempts` still being the token, and by `guard` if given (claim's
-    expired lease); it sets the status, the timestamps of
-    the target (queued_at, started_at and attempts + 1, or finished_at; a
-    success clears the error) and any extra columns in `fields` (a failure's
-    error_code and error_message). It returns None, changing nothing, when
-    no row matched: the study is absent, in another state, or the token is
-    stale; otherwise the row's `attempts` as the UPDATE left it (RETURNING: a
-    claim learns its token without a second statement). Does not commit: the
-    caller commits, or rolls back, after adding what belongs to the same
-    transaction.
+    `attempts` still being the token, and by the named `guard` if given (a
+    claim's: "lease_lost" with `guard_params` {"lease_cutoff": time}, or
+    "never_claimed"); it sets the status, the timestamps of the target
+    (queued_at, started_at and attempts + 1, or finished_at; a success clears
+    the error) and any extra columns in `fields` (a failure's error_code and
+    error_message). It returns None, changing nothing, when no row matched:
+    the study is absent, in another state, or the token is stale; otherwise
+    the row's `attempts` as the UPDATE left it (RETURNING: a claim learns its
+    token without a second statement). Does not commit: the caller commits,
+    or rolls back, after adding what belongs to the same transaction.
     """
     sources = frozenset({sources} if isinstance(sources, StudyStatus) else sources)
     if not sources:
@@ -151,22 +182,17 @@ def transition(
         raise TransitionError(
             f"study {study_id}: {', '.join(forbidden)} -> {target.value} is not in TRANSITIONS"
         )
-    guards = [Study.id == study_id, Study.status.in_(sorted(s.value for s in sources))]
+    names = tuple(sorted(fields))
+    statement = _statement(sources, target, token is not None, guard, names)
+    params: dict[str, Any] = {"study_id": study_id, "now": utcnow(), **(guard_params or {})}
     if token is not None:
-        guards.append(Study.attempts == token.token)
-    if guard is not None:
-        guards.append(guard)
-    return session.execute(
-        update(Study)
-        .where(*guards)
-        .values({**_on_entry(target), **fields, "status": target.value})
-        .returning(Study.attempts)
-        .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
+        params["token"] = token.token
+    params.update({f"set_{name}": fields[name] for name in names})
+    return session.execute(statement, params).scalar_one_or_none()
 
 
 def claim(session: Session, study_id: str, max_attempts: int,
-          lease_s: float | None = None) -> Claim | None:
+          lease_s: float | None = None, *, first: bool = False) -> Claim | None:
     """QUEUED (or RUNNING, on redelivery) -> RUNNING; None if finished, absent, still
     beating elsewhere or out of attempts.
 
@@ -174,14 +200,19 @@ def claim(session: Session, study_id: str, max_attempts: int,
     -> RUNNING in one step) only when its last worker was lost: with
     `lease_s`, when no heartbeat came for that long. A study whose worker
     still beats is left to it (the broker re-offers messages after its
-    visibility timeout whatever the worker is doing). Commits.
+    visibility timeout whatever the worker is doing). With `first`, only a
+    study never claimed before (attempts 0) is taken: the worker's one-statement
+    path for the usual case, which needs no look at the study first. Commits.
     """
-    lost = None
-    if lease_s is not None:
+    if first:  # never claimed: no worker can be on it
+        attempts = transition(session, study_id, PENDING, StudyStatus.RUNNING,
+                              guard="never_claimed")
+    elif lease_s is not None:
         cutoff = utcnow() - timedelta(seconds=lease_s)
-        lost = or_(Study.status == StudyStatus.QUEUED.value, Study.heartbeat_at.is_(None),
-                   Study.heartbeat_at < cutoff)
-    attempts = transition(session, study_id, PENDING, StudyStatus.RUNNING, guard=lost)
+        attempts = transition(session, study_id, PENDING, StudyStatus.RUNNING,
+                              guard="lease_lost", guard_params={"lease_cutoff": cutoff})
+    else:
+        attempts = transition(session, study_id, PENDING, StudyStatus.RUNNING)
     if attempts is None:
         session.rollback()
         return None

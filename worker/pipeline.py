@@ -37,14 +37,17 @@ class _Loaded:
     data: bytes
 
 
-def _load_images(study_id: str) -> list[_Loaded]:
+def _load_images(study_id: str) -> tuple[list[_Loaded], bool]:
+    """The study's images in order, and whether the PACS sent it (uploads then skip the PACS
+    hook's query after the result): one SELECT. Ends the session."""
+    from_pacs = exists().where(DicomOrigin.study_id == study_id)
     rows = db.session.execute(
-        select(Image.id, Image.filename, Image.data)
+        select(Image.id, Image.filename, Image.data, from_pacs)
         .where(Image.study_id == study_id)
         .order_by(Image.position)
     ).all()
     db.session.remove()
-    return [_Loaded(*row) for row in rows]
+    return [_Loaded(*row[:3]) for row in rows], bool(rows and rows[0][3])
 
 
 def _fail(token: jobs.Claim, code: str, message: str) -> str:
@@ -54,54 +57,62 @@ def _fail(token: jobs.Claim, code: str, message: str) -> str:
     return "failed"
 
 
-def _history(study_id: str) -> tuple[int, bool]:
-    """How often the study was claimed before (0 if unknown), and whether the PACS sent it: one
-    SELECT, so that uploads skip the PACS hook's query after the result."""
-    row = db.session.execute(
-        select(Study.attempts, exists().where(DicomOrigin.study_id == Study.id))
-        .where(Study.id == study_id)
-    ).one_or_none()
+def _history(study_id: str) -> int:
+    """How often the study was claimed before (0 if unknown)."""
+    attempts = db.session.scalar(select(Study.attempts).where(Study.id == study_id))
     db.session.remove()
-    return (0, False) if row is None else (int(row[0] or 0), bool(row[1]))
+    return int(attempts or 0)
 
 
 def run_study(study_id: str) -> str:
     """Process one study; returns what happened ('succeeded', 'failed', 'skipped', 'stale')."""
-    attempts, from_pacs = _history(study_id)
-    suspect = attempts > 0  # a study claimed before may have killed its last worker: run it alone
-    # Until it is claimed, a study waiting its turn beats as delivered, so a death
-    # of this process while it waits is noticed like the death of a running study.
-    with _leases.waiting(study_id, mark_now=_isolation.would_wait(suspect)), \
-            _isolation.hold(exclusive=suspect):
-        outcome = _run(study_id, current_app.config)
+    config = current_app.config
+    # The usual case, a study never claimed before, is claimed in one statement, inside the
+    # shared hold (so never beside a suspect running alone). Until it is claimed, a study
+    # waiting its turn beats as delivered, so a death of this process while it waits is
+    # noticed like the death of a running study.
+    with _leases.waiting(study_id, mark_now=_isolation.would_wait(False)), \
+            _isolation.hold(exclusive=False):
+        token = jobs.claim(db.session, study_id, config["TASK_MAX_ATTEMPTS"],
+                           lease_s=config["LEASE_S"], first=True)
+        if token is not None:
+            outcome, from_pacs = _run(study_id, token, config)
+    if token is None:  # claimed before, finished or absent: look first
+        suspect = _history(study_id) > 0  # may have killed its last worker: run it alone
+        with _leases.waiting(study_id, mark_now=_isolation.would_wait(suspect)), \
+                _isolation.hold(exclusive=suspect):
+            token = jobs.claim(db.session, study_id, config["TASK_MAX_ATTEMPTS"],
+                               lease_s=config["LEASE_S"])
+            if token is None:
+                db.session.remove()
+                log.info("event=study_skipped study=%s", study_id)
+                return "skipped"
+            outcome, from_pacs = _run(study_id, token, config)
     if from_pacs and outcome in ("succeeded", "failed"):
         after_study(study_id)  # the results (or nothing) back to the PACS
     return outcome
 
 
-def _run(study_id: str, config: Any) -> str:
-    token = jobs.claim(db.session, study_id, config["TASK_MAX_ATTEMPTS"], lease_s=config["LEASE_S"])
-    db.session.remove()
-    if token is None:
-        log.info("event=study_skipped study=%s", study_id)
-        return "skipped"
+def _run(study_id: str, token: jobs.Claim, config: Any) -> tuple[str, bool]:
+    """Work on a claimed study (the claim's session still open); (outcome, from the PACS)."""
     with _leases.hold(token):  # heartbeats until the result or the failure is written
         return _work(study_id, token, config)
 
 
-def _work(study_id: str, token: jobs.Claim, config: Any) -> str:
+def _work(study_id: str, token: jobs.Claim, config: Any) -> tuple[str, bool]:
     started = time.perf_counter()
+    from_pacs = False
     try:
-        images = _load_images(study_id)
+        images, from_pacs = _load_images(study_id)
         if not images:
-            return _fail(token, "no_images", "the study has no images")
+            return _fail(token, "no_images", "the study has no images"), from_pacs
         try:
             batcher = get_batcher(config["MODEL_DIR"], config["INFERENCE_BACKEND"],
                                   config["BATCH_MAX_SIZE"], config["BATCH_MAX_WAIT_MS"],
                                   config["INFERENCE_LANES"])
         except ArtifactError as exc:
             message = "no model installed" if exc.code == "no_model" else exc.message
-            return _fail(token, exc.code, message)
+            return _fail(token, exc.code, message), from_pacs
         limits = Limits(max_bytes=max(len(i.data) for i in images) + 1,
                         max_pixels=config["MAX_IMAGE_PIXELS"])
         with batcher.announce() as ticket:
@@ -110,7 +121,7 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> str:
                 try:
                     decoded = decode_image(item.data, limits)
                 except ImageError as exc:
-                    return _fail(token, exc.code, f"{item.filename}: {exc.message}")
+                    return _fail(token, exc.code, f"{item.filename}: {exc.message}"), from_pacs
                 pixels.append(decoded.pixels)
                 attributes.append(decoded.attributes)  # DICOM tags and colour, for the input gate
             batch = batcher.predictor.preprocess(pixels)  # in this thread: overlaps inference
@@ -140,19 +151,20 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> str:
         won = jobs.finish(db.session, token, rows)
         db.session.remove()
     except (SoftTimeLimitExceeded, TimeoutError):
-        return _fail(token, "timeout", "processing took longer than the time limit")
+        return _fail(token, "timeout", "processing took longer than the time limit"), from_pacs
     except DBAPIError:
         db.session.remove()
         raise  # transient: the task retries and claims again
     except Exception as exc:  # a bug or a broken model must not leave the study hanging
         log.exception("event=study_error study=%s", study_id)
         db.session.remove()
-        return _fail(token, "internal_error", f"unexpected error while processing ({type(exc).__name__})")
+        message = f"unexpected error while processing ({type(exc).__name__})"
+        return _fail(token, "internal_error", message), from_pacs
     elapsed_ms = (time.perf_counter() - started) * 1000
     abstained = sum(r.abstain_reason is not None for r in results)
     log.info("event=study_done study=%s images=%d abstained=%d ms=%.0f won=%s", study_id, len(rows),
              abstained, elapsed_ms, won)
-    return "succeeded" if won else "stale"
+    return ("succeeded" if won else "stale"), from_pacs
 
 
 def requeue_stale(send: Callable[[str], object],

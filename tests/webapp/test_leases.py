@@ -179,3 +179,18 @@ def test_a_redelivered_message_leaves_a_study_whose_worker_beats_to_it(app):
         db.session.execute(update(Study).where(Study.id == study_id).values(heartbeat_at=None))
         db.session.commit()
         assert jobs.claim(db.session, study_id, max_attempts=3, lease_s=LEASE_S).token == 3
+
+
+def test_first_claim_takes_only_a_study_never_claimed(app):
+    """The worker's one-statement path: a new study is claimed at once; a study claimed before
+    (even one whose worker is lost) is left to the path that looks at it first."""
+    with app.app_context():
+        fresh, lost = new_study(), new_study()
+        assert jobs.claim(db.session, fresh, max_attempts=3, lease_s=LEASE_S, first=True) == \
+            Claim(fresh, 1)
+        assert jobs.claim(db.session, fresh, max_attempts=3, lease_s=LEASE_S, first=True) is None
+        assert jobs.claim(db.session, lost, max_attempts=3, lease_s=LEASE_S) == Claim(lost, 1)
+        age(lost, heartbeat_at=LEASE_S + 1)
+        assert jobs.claim(db.session, lost, max_attempts=3, lease_s=LEASE_S, first=True) is None
+        assert db.session.get(Study, lost, populate_existing=True).attempts == 1
+        assert jobs.claim(db.session, lost, max_attempts=3, lease_s=LEASE_S) == Claim(lost, 2)
