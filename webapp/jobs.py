@@ -204,15 +204,13 @@ def claim(session: Session, study_id: str, max_attempts: int,
     study never claimed before (attempts 0) is taken: the worker's one-statement
     path for the usual case, which needs no look at the study first. Commits.
     """
-    if first:  # never claimed: no worker can be on it
-        attempts = transition(session, study_id, PENDING, StudyStatus.RUNNING,
-                              guard="never_claimed")
+    guard, params = None, None
+    if first:
+        guard = "never_claimed"  # no worker can be on it
     elif lease_s is not None:
-        cutoff = utcnow() - timedelta(seconds=lease_s)
-        attempts = transition(session, study_id, PENDING, StudyStatus.RUNNING,
-                              guard="lease_lost", guard_params={"lease_cutoff": cutoff})
-    else:
-        attempts = transition(session, study_id, PENDING, StudyStatus.RUNNING)
+        guard, params = "lease_lost", {"lease_cutoff": utcnow() - timedelta(seconds=lease_s)}
+    attempts = transition(session, study_id, PENDING, StudyStatus.RUNNING, guard=guard,
+                          guard_params=params)
     if attempts is None:
         session.rollback()
         return None
