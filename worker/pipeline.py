@@ -200,9 +200,10 @@ def requeue_stale(send: Callable[[str], object],
     for stale in lost:
         was_running = jobs.requeue(db.session, stale.study_id, token=stale)
         if was_running or jobs.touch_queued(db.session, stale.study_id):
-            send(stale.study_id)
-            sent += 1
+            # Logged before the message exists, so no result of the re-run can precede it.
             log.warning("event=study_requeued study=%s attempts=%d was=%s", stale.study_id,
                         stale.token, "running" if was_running else "queued")
+            send(stale.study_id)
+            sent += 1
     db.session.remove()
     return sent
