@@ -39,15 +39,17 @@ class _Loaded:
 
 def _load_images(study_id: str) -> tuple[list[_Loaded], bool]:
     """The study's images in order, and whether the PACS sent it (uploads then skip the PACS
-    hook's query after the result): one SELECT. Ends the session."""
+    hook's query after the result): one SELECT, and a second only for a study with no images,
+    whose failure the PACS must hear of too. Ends the session."""
     from_pacs = exists().where(DicomOrigin.study_id == study_id)
     rows = db.session.execute(
         select(Image.id, Image.filename, Image.data, from_pacs)
         .where(Image.study_id == study_id)
         .order_by(Image.position)
     ).all()
+    sent = bool(rows[0][3]) if rows else bool(db.session.execute(select(from_pacs)).scalar())
     db.session.remove()
-    return [_Loaded(*row[:3]) for row in rows], bool(rows and rows[0][3])
+    return [_Loaded(*row[:3]) for row in rows], sent
 
 
 def _fail(token: jobs.Claim, code: str, message: str) -> str:

@@ -13,6 +13,7 @@ from webapp import jobs
 from webapp.extensions import db
 from webapp.jobs import StudyStatus
 from webapp.models import Image, Prediction, Study, utcnow
+from webapp.pacs.models import DicomOrigin
 from worker import pipeline
 
 
@@ -78,6 +79,23 @@ def test_unreadable_stored_bytes_fail_the_study_not_the_worker(app, client):
         assert prediction_count(study_id) == 0  # nothing half-written
     error = client.get(f"/api/v1/studies/{study_id}").get_json()["error"]
     assert error["code"] == "corrupt_image" and error["message"].startswith("later-corrupted.png:")
+
+
+def test_a_pacs_study_without_images_fails_and_the_pacs_hook_still_runs(app, client):
+    """With no image rows, whether the PACS sent the study cannot come with them: it is asked on
+    its own, so the hook drops the identifiers kept for the reply (nothing will be sent)."""
+    study_id = upload(client, ("a.png", png_bytes()))
+    with app.app_context():
+        db.session.add(DicomOrigin(study_id=study_id, via="dimse", calling_ae="MODALITY",
+                                   identifiers={"PatientID": "12345"}))
+        for image in db.session.scalars(select(Image).where(Image.study_id == study_id)):
+            db.session.delete(image)
+        db.session.commit()
+        assert pipeline.run_study(study_id) == "failed"
+        origin = db.session.get(DicomOrigin, study_id)
+        assert origin.identifiers is None and origin.identifiers_deleted_at is not None
+    error = client.get(f"/api/v1/studies/{study_id}").get_json()["error"]
+    assert error == {"code": "no_images", "message": "the study has no images"}
 
 
 def test_redelivery_after_a_lost_worker_takes_over(app, client):
