@@ -1,8 +1,8 @@
 """Shared fixtures: real SQLite and PostgreSQL databases, the real Redis, a tiny real model.
 
 PostgreSQL (TEST_POSTGRES_URL, default postgres@127.0.0.1:5432/test) and Redis
-(TEST_REDIS_URL, default 127.0.0.1:6379/15) must be running; .ci/run starts them
-when they are not. Tests that need them fail rather than skip when they are absent.
+(TEST_REDIS_URL, default 127.0.0.1:6379, database 15 less the pytest-xdist worker's number)
+must be running; .ci/run starts them when they are not. Tests that need them fail rather than skip when they are absent.
 """
 
 from __future__ import annotations
@@ -23,7 +23,22 @@ FIXTURES = REPO / "tests" / "fixtures"
 TEST_POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+def _redis_url() -> str:
+    """TEST_REDIS_URL, else a Redis database of each pytest-xdist process's own (15, 14, ...).
+
+    Kombu keeps one index of unacknowledged messages per Redis database, whatever the queue,
+    and every worker re-offers the entries older than *its* visibility timeout: a fault test's
+    worker (4 s) running beside the lost-worker test (3600 s, so that only the lease recovers)
+    handed that test's message back behind its back. Tests in one process run one at a time."""
+    if "TEST_REDIS_URL" in os.environ:
+        return os.environ["TEST_REDIS_URL"]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    return f"redis://127.0.0.1:6379/{15 - index % 16}"
+
+
+TEST_REDIS_URL = _redis_url()
 # Small enough to run on 2 cores in seconds; same builder and artifact format as production.
 TINY_INPUT_SIZE = 32
 
