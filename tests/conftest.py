@@ -2,7 +2,8 @@
 
 PostgreSQL (TEST_POSTGRES_URL, default postgres@127.0.0.1:5432/test) and Redis
 (TEST_REDIS_URL, default 127.0.0.1:6379, database 15 less the pytest-xdist worker's number)
-must be running; .ci/run starts them when they are not. Tests that need them fail rather than skip when they are absent.
+must be running; .ci/run starts them when they are not. Tests that need them fail rather
+than skip when they are absent.
 """
 
 from __future__ import annotations
