@@ -142,14 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     # The screen reads the classifier's features with the image statistics, or without them
     # (then it can run inside the forward pass, before the statistics are taken).
+    # The radiographs' inversions fit only the polarity model, which reads the statistics; a
+    # screen without them leaves the inversions out of its fit altogether.
     for reads in ("features+stats", "features"):
-        stats = data["stats"] if reads == "features+stats" else np.zeros_like(data["stats"])
-        screen = make_gate(fit_arrays(data["features"][train], stats[train], classes[train],
-                                      inverses=inverses[train] if reads == "features+stats" else None))
+        with_stats = reads == "features+stats"
+        stats = data["stats"] if with_stats else np.zeros_like(data["stats"])
+        polarity = inverses if with_stats else None
+        fit = train if with_stats else train & ~inverses
+        screen = make_gate(fit_arrays(data["features"][fit], stats[fit], classes[fit],
+                                      inverses=None if polarity is None else polarity[fit]))
         probabilities, distance = screen.scores(data["features"], stats)
         p_screen = probabilities[:, FRONTAL]
-        p_oof, d_oof = out_of_fold({"features": data["features"], "stats": stats}, classes, pool,
-                                   pool, folds, inverses=inverses if reads == "features+stats" else None)
+        p_oof, d_oof = out_of_fold({"features": data["features"], "stats": stats}, classes,
+                                   pool if with_stats else pool & ~inverses, pool, folds,
+                                   inverses=polarity)
         for margin in args.margins:
             results.append(evaluate(reads, margin, p_oof, d_oof, p_screen, distance, served, flat,
                                     scored, radiograph, splits, kinds, sources, quantiles))
