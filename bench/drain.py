@@ -11,7 +11,9 @@ Rates skip each drain's first `--skip` studies (the worker's start and first bat
 Model-only runs the same forward pass as the worker (the classifier and, for an input gate with
 a network of its own, that network) on batches of `--batch` real X-rays, with and without the
 Grad-CAM output; it is measured before and after each drain and averaged, so that drift in
-the machine's load falls on both. With --profile, py-spy samples the worker during the
+the machine's load falls on both. The worker's threads' CPU is read from /proc four times a
+second, so each drain also says where its CPU went per study: the lanes (the model), Celery's
+consumer thread and the task threads (everything else a study costs). With --profile, py-spy samples the worker during the
 drains and the slowest functions (own time and with callees) are printed and saved.
 Appends to docs/benchmarks.md.
 """
@@ -65,6 +67,43 @@ def _finished(db: Path) -> list[tuple[str, str | None, str | None]]:
         return con.execute("SELECT status, started_at, finished_at FROM studies").fetchall()
 
 
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process so far, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    spent = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+        spent[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return spent
+
+
+def _cpu_at(snapshots: list[tuple[float, dict[int, float]]], when: float) -> dict[int, float]:
+    """Each thread's CPU seconds at time `when`, interpolated between the snapshots around it."""
+    later = next((i for i, (t, _) in enumerate(snapshots) if t >= when), len(snapshots) - 1)
+    (t0, a), (t1, b) = snapshots[max(0, later - 1)], snapshots[later]
+    w = 0.0 if t1 <= t0 else min(1.0, max(0.0, (when - t0) / (t1 - t0)))
+    return {tid: a.get(tid, 0.0) + w * (cpu - a.get(tid, 0.0)) for tid, cpu in b.items()}
+
+
+def cpu_per_study(snapshots: list[tuple[float, dict[int, float]]], start: float, end: float,
+                  studies: int, lanes: int, main_tid: int) -> dict[str, float]:
+    """The worker's CPU ms per study between two times, split into the lanes (the `lanes`
+    busiest threads: the model), Celery's consumer (the main thread) and the rest (the task
+    threads, heartbeats), and the CPUs' share it kept busy."""
+    first, last = _cpu_at(snapshots, start), _cpu_at(snapshots, end)
+    used = {tid: last[tid] - first.get(tid, 0.0) for tid in last}
+    lane_ids = sorted((t for t in used if t != main_tid), key=used.get, reverse=True)[:lanes]
+    lane_cpu = sum(used[t] for t in lane_ids)
+    consumer = used.get(main_tid, 0.0)
+    rest = sum(used.values()) - lane_cpu - consumer
+    return {"lanes": lane_cpu / studies * 1000, "consumer": consumer / studies * 1000,
+            "tasks": rest / studies * 1000,
+            "busy": sum(used.values()) / ((end - start) * usable_cpus())}
+
+
 def drain(
     model_dir: Path,
     files: list[Path],
@@ -116,11 +155,16 @@ def drain(
                 stderr=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + 60 + 5 * len(files)
+        snapshots: list[tuple[float, dict[int, float]]] = []
+        polls = 0
         while time.monotonic() < deadline:
-            rows = _finished(db)
-            if all(r[0] in ("succeeded", "failed") for r in rows):
-                break
-            time.sleep(1.0)
+            snapshots.append((time.time(), _thread_cpu(worker.pid)))
+            polls += 1
+            if polls % 4 == 0:
+                rows = _finished(db)
+                if all(r[0] in ("succeeded", "failed") for r in rows):
+                    break
+            time.sleep(0.25)
         else:
             raise TimeoutError("the drain did not finish")
         if spy is not None:
@@ -131,9 +175,16 @@ def drain(
     failed = sum(r[0] != "succeeded" for r in rows)
     if failed:
         raise RuntimeError(f"{failed} studies failed: see {stack.tmp / 'stack.log'}")
-    done = sorted(datetime.fromisoformat(r[2]) for r in rows)
+    done = sorted(_utc(r[2]) for r in rows)
     span = (done[-1] - done[skip - 1]).total_seconds()
-    return {"rate": (len(done) - skip) / span, "studies": len(done)}
+    cpu = cpu_per_study(snapshots, done[skip - 1].timestamp(), done[-1].timestamp(),
+                        len(done) - skip, lanes, worker.pid)
+    return {"rate": (len(done) - skip) / span, "studies": len(done), **cpu}
+
+
+def _utc(stamp: str) -> datetime:
+    when = datetime.fromisoformat(stamp)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 PROJECT = ("ml/", "worker/", "webapp/")
@@ -199,10 +250,12 @@ def main() -> None:
                       args.concurrency, args.skip, args.profile)
             after = model_only(predictor, batch, gradcam, args.seconds)
             bare = (before + after) / 2
-            results.append((backend, gradcam, bare, before, after, d["rate"], predictor.lanes))
+            results.append((backend, gradcam, bare, before, after, d, predictor.lanes))
             print(
                 f"{backend} gradcam={gradcam}: drain {d['rate']:.2f}/s model-only {bare:.2f}/s "
-                f"({before:.2f}, {after:.2f}) ratio {d['rate'] / bare:.3f}",
+                f"({before:.2f}, {after:.2f}) ratio {d['rate'] / bare:.3f}; worker CPU ms per "
+                f"study: lanes {d['lanes']:.1f}, consumer {d['consumer']:.1f}, tasks "
+                f"{d['tasks']:.1f}; CPUs busy {d['busy']:.0%}",
                 flush=True,
             )
     lines = [
@@ -212,11 +265,15 @@ def main() -> None:
         "SQLite\n",
         f"`python {' '.join(sys.argv)}`\n",
         f"{machine()}; load average after: {os.getloadavg()[0]:.1f}\n",
-        "| backend | heatmaps | model-only images/s (before, after) | drain studies/s | drain / model-only |",
-        "|---|---|---|---|---|",
+        "| backend | heatmaps | model-only images/s (before, after) | drain studies/s "
+        "| drain / model-only | worker CPU ms per study in the drain: lanes / Celery's "
+        "consumer / task threads | CPUs busy |",
+        "|---|---|---|---|---|---|---|",
         *[
-            f"| {b} | {'on' if g else 'off'} | {bare:.2f} ({x:.2f}, {y:.2f}) | {rate:.2f} | {rate / bare:.2f} |"
-            for b, g, bare, x, y, rate, _ in results
+            f"| {b} | {'on' if g else 'off'} | {bare:.2f} ({x:.2f}, {y:.2f}) | {d['rate']:.2f} "
+            f"| {d['rate'] / bare:.2f} | {d['lanes']:.1f} / {d['consumer']:.1f} / "
+            f"{d['tasks']:.1f} | {d['busy']:.0%} |"
+            for b, g, bare, x, y, d, _ in results
         ],
     ]
     if args.profile:
