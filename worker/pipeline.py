@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
-from sqlalchemy import exists, select
+from sqlalchemy import bindparam, exists, select
 from sqlalchemy.exc import DBAPIError
 
 from ml.artifact import ArtifactError
@@ -18,7 +18,7 @@ from ml.imaging import ImageError, Limits, decode_image
 from ml.overlay import encode_cam
 from webapp import jobs
 from webapp.extensions import db
-from webapp.models import Image, Prediction, Study
+from webapp.models import Image, Study
 from webapp.pacs.models import DicomOrigin
 from webapp.pacs.sends import after_study
 from worker.isolation import Isolation
@@ -37,17 +37,23 @@ class _Loaded:
     data: bytes
 
 
+# The statements a study runs, built once: SQLAlchemy then finds each compiled form by a cache
+# key it computed the first time, instead of building the statement and its key per study.
+_FROM_PACS = exists().where(DicomOrigin.study_id == bindparam("study_id"))
+_IMAGES = (select(Image.id, Image.filename, Image.data, _FROM_PACS)
+           .where(Image.study_id == bindparam("study_id"))
+           .order_by(Image.position))
+_SENT = select(_FROM_PACS)
+_ATTEMPTS = select(Study.attempts).where(Study.id == bindparam("study_id"))
+
+
 def _load_images(study_id: str) -> tuple[list[_Loaded], bool]:
     """The study's images in order, and whether the PACS sent it (uploads then skip the PACS
     hook's query after the result): one SELECT, and a second only for a study with no images,
     whose failure the PACS must hear of too. Ends the session."""
-    from_pacs = exists().where(DicomOrigin.study_id == study_id)
-    rows = db.session.execute(
-        select(Image.id, Image.filename, Image.data, from_pacs)
-        .where(Image.study_id == study_id)
-        .order_by(Image.position)
-    ).all()
-    sent = bool(rows[0][3]) if rows else bool(db.session.execute(select(from_pacs)).scalar())
+    params = {"study_id": study_id}
+    rows = db.session.execute(_IMAGES, params).all()
+    sent = bool(rows[0][3]) if rows else bool(db.session.execute(_SENT, params).scalar())
     db.session.remove()
     return [_Loaded(*row[:3]) for row in rows], sent
 
@@ -61,7 +67,7 @@ def _fail(token: jobs.Claim, code: str, message: str) -> str:
 
 def _history(study_id: str) -> int:
     """How often the study was claimed before (0 if unknown)."""
-    attempts = db.session.scalar(select(Study.attempts).where(Study.id == study_id))
+    attempts = db.session.scalar(_ATTEMPTS, {"study_id": study_id})
     db.session.remove()
     return int(attempts or 0)
 
@@ -131,7 +137,7 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> tuple[str, bool]:
                                     timeout=config["CELERY"]["task_soft_time_limit"],
                                     attributes=attributes)
         rows = [
-            Prediction(
+            dict(
                 image_id=item.image_id,
                 probability_covid=r.probability_covid,
                 label=r.label,

@@ -99,9 +99,9 @@ def test_study_of_a_presumed_dead_worker_is_rerun_once_and_its_late_result_disca
         assert pipeline.run_study(study_id) == "succeeded"  # the re-sent message
         # The old worker was only slow: its result arrives now and is discarded.
         images = db.session.scalars(select(Image).where(Image.study_id == study_id)).all()
-        late = [Prediction(image_id=i.id, probability_covid=0.9, label="covid", threshold=0.5,
-                           model_version="late", model_sha256="0" * 64, model_trained=False,
-                           preprocess_version="1", inference_ms=1.0) for i in images]
+        late = [dict(image_id=i.id, probability_covid=0.9, label="covid", threshold=0.5,
+                     model_version="late", model_sha256="0" * 64, model_trained=False,
+                     preprocess_version="1", inference_ms=1.0) for i in images]
         assert jobs.finish(db.session, presumed_dead, late) is False
         assert prediction_count(study_id) == 2  # one per image
         assert db.session.scalar(select(func.count()).select_from(Prediction)

@@ -43,6 +43,9 @@ def test_study_succeeds_with_one_prediction_per_image(app, client):
         assert pipeline.run_study(study_id) == "succeeded"
         assert pipeline.run_study(study_id) == "skipped"  # safe to run twice
         assert prediction_count(study_id) == 2
+        stamps = db.session.scalars(select(Prediction.created_at).join(Image)
+                                    .where(Image.study_id == study_id)).all()
+        assert len(stamps) == 2 and all(stamps)  # the column's default, on a Core INSERT too
     body = client.get(f"/api/v1/studies/{study_id}").get_json()
     assert body["status"] == "succeeded" and body["attempts"] == 1
     for image in body["images"]:
