@@ -8,7 +8,7 @@ a study costs. That "everything else" runs in the task threads, so it is measure
 isolation: real X-rays stored as studies (every source), then `worker.pipeline.run_study` on
 each in turn in one thread, as a task does, timing that thread's CPU (`time.thread_time`).
 The model runs in the batcher's lanes (other threads), so it is left out by construction;
-what remains is the database path, decoding, preprocessing, the input gate's statistics,
+what remains is the database path, decoding, preprocessing, the input gate (statistics, verdict),
 the batch handover and the result's bookkeeping. Each phase is timed by wrapping the
 function the pipeline calls for it (the wrappers cost about a microsecond each).
 SQLite by default (a fresh file); any SQLAlchemy URL with --database-url (its tables are
@@ -37,13 +37,15 @@ from stack import ROOT, real_xrays  # noqa: E402
 
 from scripts.run_local import start_embedded_redis  # noqa: E402
 
-# (module, attribute, phase): each is what worker.pipeline calls for that phase.
+# (module or module:Class, attribute, phase): each is what the pipeline calls for that phase.
 PHASES = (
     ("worker.pipeline", "_history", "history"),
     ("webapp.jobs", "claim", "claim"),
     ("worker.pipeline", "_load_images", "load"),
     ("worker.pipeline", "decode_image", "decode"),
     ("ml.predictor", "preprocess_batch", "preprocess"),
+    ("ml.predictor", "image_statistics", "gate statistics"),
+    ("ml.gate:Gate", "assess", "gate verdict"),
     ("webapp.jobs", "finish", "finish"),
 )
 
@@ -62,10 +64,13 @@ def instrument(spent: dict[str, float]) -> None:
     """Wrap each phase's function where the pipeline looks it up (absent ones are skipped)."""
     import importlib
 
-    for module_name, attribute, phase in PHASES:
-        module = importlib.import_module(module_name)
-        if hasattr(module, attribute):
-            setattr(module, attribute, timed(phase, getattr(module, attribute), spent))
+    for where, attribute, phase in PHASES:
+        module_name, _, class_name = where.partition(":")  # "module" or "module:Class"
+        owner = importlib.import_module(module_name)
+        if class_name:
+            owner = getattr(owner, class_name)
+        if hasattr(owner, attribute):
+            setattr(owner, attribute, timed(phase, getattr(owner, attribute), spent))
 
 
 def store(app: Any, paths: list[Path]) -> list[str]:
@@ -154,7 +159,7 @@ def main() -> None:
 
     for key in phases:
         lines.append(f"| {key} | {median[key]:.3f} | {each(key)} |\n")
-    lines.append(f"| the rest (gate statistics, labels, handover, leases, logging) | {rest:.3f} | |\n")
+    lines.append(f"| the rest (labels, CAMs, handover, leases, logging) | {rest:.3f} | |\n")
     lines.append(f"| **total, the task thread's CPU** | **{median['total']:.3f}** | {each('total')} |\n")
     lines.append(f"| wall per study (the model included, one study at a time) | "
                  f"{median['wall']:.1f} | |\n")
