@@ -48,8 +48,10 @@ class Ticket:
 
     def submit(self, batch: np.ndarray, images: Sequence[np.ndarray], explain: bool,
                timeout: float | None = None,
-               attributes: Sequence[Mapping[str, Any] | None] | None = None) -> list[Prediction]:
-        """Queue the preprocessed batch and wait for its predictions (attributes: per image, for the gate).
+               attributes: Sequence[Mapping[str, Any] | None] | None = None,
+               statistics: Sequence[np.ndarray | None] | None = None) -> list[Prediction]:
+        """Queue the preprocessed batch and wait for its predictions (attributes and the gate's
+        statistics if already taken: per image, for the gate).
 
         Heatmaps come back as normalised CAMs (Prediction.cam), not drawn: drawing them is
         left to whoever shows them (webapp/media/heatmaps.py).
@@ -62,7 +64,7 @@ class Ticket:
             raise request.error
         assert request.result is not None
         return self._batcher.predictor.finish(request.result, images, request.inference_ms,
-                                              attributes, overlays=False)
+                                              attributes, overlays=False, statistics=statistics)
 
     def cancel(self) -> None:
         """Stop the batcher waiting for this study (no-op after submit)."""

@@ -124,7 +124,7 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> tuple[str, bool]:
         limits = Limits(max_bytes=max(len(i.data) for i in images) + 1,
                         max_pixels=config["MAX_IMAGE_PIXELS"])
         with batcher.announce() as ticket:
-            pixels, attributes = [], []
+            pixels, attributes, statistics = [], [], []
             for item in images:
                 try:
                     decoded = decode_image(item.data, limits)
@@ -132,10 +132,12 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> tuple[str, bool]:
                     return _fail(token, exc.code, f"{item.filename}: {exc.message}"), from_pacs
                 pixels.append(decoded.pixels)
                 attributes.append(decoded.attributes)  # DICOM tags and colour, for the input gate
+                # The gate's statistics now, while the image is in the CPU's caches.
+                statistics.append(batcher.predictor.statistics(decoded.pixels, decoded.attributes))
             batch = batcher.predictor.preprocess(pixels)  # in this thread: overlaps inference
             results = ticket.submit(batch, pixels, explain=config["GRADCAM"],
                                     timeout=config["CELERY"]["task_soft_time_limit"],
-                                    attributes=attributes)
+                                    attributes=attributes, statistics=statistics)
         rows = [
             dict(
                 image_id=item.image_id,

@@ -96,6 +96,23 @@ def test_served_predictions_are_gated_on_the_gates_own_features(own_gate_dir: Pa
                                [a.frontal_probability for a in direct], rtol=1e-4)
 
 
+def test_statistics_taken_at_decode_are_the_ones_finish_uses(own_gate_dir: Path):
+    # The worker takes each image's statistics right after decoding it and hands them over.
+    predictor = Predictor.load(own_gate_dir, backend="keras", require_gate=True)
+    images = _xrays(2)
+    out = predictor.forward(predictor.preprocess(images))
+    early = [predictor.statistics(i) for i in images]
+    late = predictor.finish(out, images, 1.0, overlays=False)
+    taken = predictor.finish(out, images, 1.0, overlays=False, statistics=early)
+    verdict = [(r.abstain_reason, r.gate_frontal_probability, r.gate_distance) for r in late]
+    assert [(r.abstain_reason, r.gate_frontal_probability, r.gate_distance) for r in taken] == verdict
+    # And they are what it reads: a flat image's statistics make the first X-ray blank to it.
+    flat = predictor.statistics(np.full((64, 64), 0.5, np.float32))
+    mixed = predictor.finish(out, images, 1.0, overlays=False, statistics=[flat, None])
+    assert mixed[0].abstain_reason == "poor_quality"
+    assert mixed[1].abstain_reason == late[1].abstain_reason
+
+
 def test_a_refit_keeps_the_network_the_artifact_ships(own_gate_dir: Path, tmp_path: Path):
     from ml.training.gate import own_features, shipped_network
 
