@@ -13,8 +13,9 @@ a network of its own, that network) on batches of `--batch` real X-rays, with an
 Grad-CAM output; it is measured before and after each drain and averaged, so that drift in
 the machine's load falls on both. The worker's threads' CPU is read from /proc four times a
 second, so each drain also says where its CPU went per study: the lanes (the model), Celery's
-consumer thread and the task threads (everything else a study costs). With --profile, py-spy samples the worker during the
-drains and the slowest functions (own time and with callees) are printed and saved.
+consumer thread and the task threads (everything else a study costs). With --profile, py-spy
+samples the worker during the drains and the slowest functions (own time and with callees)
+are printed and saved.
 Appends to docs/benchmarks.md.
 """
 
@@ -156,11 +157,9 @@ def drain(
             )
         deadline = time.monotonic() + 60 + 5 * len(files)
         snapshots: list[tuple[float, dict[int, float]]] = []
-        polls = 0
         while time.monotonic() < deadline:
             snapshots.append((time.time(), _thread_cpu(worker.pid)))
-            polls += 1
-            if polls % 4 == 0:
+            if len(snapshots) % 4 == 0:  # the database once a second
                 rows = _finished(db)
                 if all(r[0] in ("succeeded", "failed") for r in rows):
                     break
