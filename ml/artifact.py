@@ -155,6 +155,26 @@ def read_metadata(model_dir: str | Path) -> ModelMetadata:
     return meta
 
 
+_seen: tuple[tuple[str, int, int, int, int], ModelMetadata] | None = None
+
+
+def current_metadata(model_dir: str | Path) -> ModelMetadata:
+    """read_metadata, re-read only when the file changed (another file, time or size): workers
+    ask before every study, and the web at every upload, so a new model needs no restart."""
+    global _seen
+    try:
+        st = os.stat(Path(model_dir) / METADATA_FILE)  # follows models/current to its target
+    except OSError:
+        return read_metadata(model_dir)  # raises the artifact's own error
+    stamp = (str(model_dir), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    seen = _seen
+    if seen is not None and seen[0] == stamp:
+        return seen[1]
+    meta = read_metadata(model_dir)
+    _seen = (stamp, meta)
+    return meta
+
+
 def sha256_file(path: str | Path) -> str:
     """Return the hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()

@@ -4,11 +4,10 @@ and reloaded when the artifact changes."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
-from ml.artifact import METADATA_FILE, ModelMetadata, read_metadata
+from ml.artifact import current_metadata
 from ml.backends import usable_cpus
 from ml.predictor import Predictor
 from worker.batching import Batcher
@@ -16,24 +15,6 @@ from worker.batching import Batcher
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _cached: tuple[tuple[str, str, str, int], Batcher] | None = None
-_seen: tuple[tuple[str, int, int, int, int], ModelMetadata] | None = None
-
-
-def _metadata(model_dir: str | Path) -> ModelMetadata:
-    """read_metadata, re-read only when the file changed (another file, time or size): the
-    worker asks before every study, so that a new model is served without a restart."""
-    global _seen
-    try:
-        st = os.stat(Path(model_dir) / METADATA_FILE)  # follows models/current to its target
-    except OSError:
-        return read_metadata(model_dir)  # raises the artifact's own error
-    stamp = (str(model_dir), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-    seen = _seen
-    if seen is not None and seen[0] == stamp:
-        return seen[1]
-    meta = read_metadata(model_dir)
-    _seen = (stamp, meta)
-    return meta
 
 
 def get_batcher(model_dir: str | Path, backend: str = "auto", max_size: int = 16,
@@ -43,7 +24,7 @@ def get_batcher(model_dir: str | Path, backend: str = "auto", max_size: int = 16
     lanes: batches run at once (INFERENCE_LANES); 0 = one per usable CPU.
     """
     global _cached
-    meta = _metadata(model_dir)  # cheap: lets a new model be installed without a restart
+    meta = current_metadata(model_dir)  # cheap: lets a new model be installed without a restart
     lanes = lanes or usable_cpus()
     key = (str(model_dir), meta.weights_sha256, backend, lanes)
     with _lock:

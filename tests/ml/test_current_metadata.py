@@ -1,4 +1,4 @@
-"""The worker's metadata check before each study: cheap while nothing changed, never stale."""
+"""current_metadata, asked before every study and at every upload: cheap while nothing changed, never stale."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.artifact import METADATA_FILE, ArtifactError
-from worker import model_cache
+from ml.artifact import METADATA_FILE, ArtifactError, current_metadata
 
 
 def _with_version(src: Path, dst: Path, version: str) -> Path:
@@ -27,21 +26,21 @@ def test_metadata_is_reread_only_when_the_file_changes(tiny_model_dir: Path, tmp
     current = tmp_path / "current"
     current.symlink_to(a)
 
-    first = model_cache._metadata(current)
+    first = current_metadata(current)
     assert first.model_version == "model-a"
-    assert model_cache._metadata(current) is first  # unchanged: not read again
+    assert current_metadata(current) is first  # unchanged: not read again
 
     current.unlink()
     current.symlink_to(b)  # a new model installed the usual way
-    assert model_cache._metadata(current).model_version == "model-b"
+    assert current_metadata(current).model_version == "model-b"
 
     path = b / METADATA_FILE
     meta = json.loads(path.read_text())
     meta["model_version"] = "model-b2"
     path.write_text(json.dumps(meta))  # edited in place
-    assert model_cache._metadata(current).model_version == "model-b2"
+    assert current_metadata(current).model_version == "model-b2"
 
     path.unlink()
     with pytest.raises(ArtifactError) as caught:
-        model_cache._metadata(current)
+        current_metadata(current)
     assert caught.value.code == "no_model"
