@@ -45,6 +45,8 @@ PHASES = (
     ("worker.pipeline", "decode_image", "decode"),
     ("ml.predictor", "preprocess_batch", "preprocess"),
     ("ml.predictor", "image_statistics", "gate statistics"),
+    ("worker.pipeline", "_prepared", "read prepared inputs"),
+    ("worker.pipeline", "model_batch", "batch from prepared inputs"),
     ("ml.gate:Gate", "assess", "gate verdict"),
     ("webapp.jobs", "finish", "finish"),
 )
@@ -73,17 +75,28 @@ def instrument(spent: dict[str, float]) -> None:
             setattr(owner, attribute, timed(phase, getattr(owner, attribute), spent))
 
 
-def store(app: Any, paths: list[Path]) -> list[str]:
-    """Store each X-ray as a study of one image, as an upload does (validated, enqueued)."""
+def store(app: Any, paths: list[Path], prepared: bool = True) -> tuple[list[str], float]:
+    """Store each X-ray as a study of one image, as an upload does (validated, prepared,
+    enqueued); the ids, and the CPU ms per study that took. prepared=False: the prepared inputs
+    are deleted afterwards, so the worker decodes (as where the web has no model)."""
+    from sqlalchemy import delete
+
+    from webapp.extensions import db
+    from webapp.models import PreparedInput
     from webapp.uploads import create_study
 
-    ids = []
+    ids, cpu = [], 0.0
     with app.test_request_context():
         for path in paths:
             data = path.read_bytes()
             upload = FileStorage(stream=io.BytesIO(data), filename=path.name)
+            start = time.thread_time()
             ids.append(create_study([upload]).id)
-    return ids
+            cpu += time.thread_time() - start
+        if not prepared:
+            db.session.execute(delete(PreparedInput))
+            db.session.commit()
+    return ids, cpu / len(paths) * 1000
 
 
 def main() -> None:
@@ -94,6 +107,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--database-url", default="")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--decode", action="store_true",
+                        help="no prepared inputs: the worker decodes every image")
     args = parser.parse_args()
 
     from flask_migrate import upgrade
@@ -119,10 +134,10 @@ def main() -> None:
             upgrade()
             paths = real_xrays(args.n)
             for _ in range(2):  # the model's load and first batches: not timed
-                for study_id in store(app, paths[: args.warmup]):
+                for study_id in store(app, paths[: args.warmup], not args.decode)[0]:
                     pipeline.run_study(study_id)
             for _ in range(args.rounds):
-                ids = store(app, paths)
+                ids, upload_ms = store(app, paths, not args.decode)
                 spent.clear()
                 cpu = wall = 0.0
                 for study_id in ids:
@@ -134,6 +149,7 @@ def main() -> None:
                         raise RuntimeError(f"study {study_id}: {outcome}")
                 n = len(ids)
                 per_round.append({"total": cpu / n * 1000, "wall": wall / n * 1000,
+                                  "upload": upload_ms,
                                   **{k: v / n * 1000 for k, v in spent.items()}})
             db.session.remove()
             db.engine.dispose()
@@ -143,14 +159,15 @@ def main() -> None:
 
     phases = [p for _, _, p in PHASES if any(p in r for r in per_round)]
     median = {k: statistics.median(r.get(k, 0.0) for r in per_round)
-              for k in ["total", *phases, "wall"]}
+              for k in ["total", *phases, "wall", "upload"]}
     rest = median["total"] - sum(median[p] for p in phases)
     engine = url.split(":", 1)[0]
     lines = [
         f"\n### {time.strftime('%Y-%m-%d')} per study besides the model, model "
         f"`{args.model_dir.resolve().name}`, {engine}, {args.n} studies x {args.rounds} rounds\n\n",
         f"`python bench/per_study.py --model-dir {args.model_dir} -n {args.n} --rounds "
-        f"{args.rounds}{' --database-url ' + engine + '://...' if args.database_url else ''}`\n\n",
+        f"{args.rounds}{' --database-url ' + engine + '://...' if args.database_url else ''}"
+        f"{' --decode' if args.decode else ''}`\n\n",
         f"{machine()}\n\n",
         "| phase | CPU ms per study (median of rounds) | rounds |\n|---|---|---|\n",
     ]
@@ -163,6 +180,8 @@ def main() -> None:
     lines.append(f"| **total, the task thread's CPU** | **{median['total']:.3f}** | {each('total')} |\n")
     lines.append(f"| wall per study (the model included, one study at a time) | "
                  f"{median['wall']:.1f} | |\n")
+    lines.append(f"| the upload, in the web (decode, prepare, store, enqueue) | "
+                 f"{median['upload']:.3f} | {each('upload')} |\n")
     text = "".join(lines)
     if args.no_record:
         print(text)

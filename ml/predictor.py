@@ -195,7 +195,7 @@ class Predictor:
         return None if self.gate is None else image_statistics(image, attributes)
 
     def finish(
-        self, out: Outputs, images: Sequence[np.ndarray], inference_ms: float,
+        self, out: Outputs, images: Sequence[np.ndarray] | None, inference_ms: float,
         attributes: Sequence[Mapping[str, Any] | None] | None = None, overlays: bool = True,
         statistics: Sequence[np.ndarray | None] | None = None,
     ) -> list[Prediction]:
@@ -204,22 +204,29 @@ class Predictor:
         Each Prediction carries its normalised CAM when the pass computed one; overlays=True
         also renders it over the image as PNG (the worker leaves that to whoever shows it).
         statistics: per image, what statistics() gave for it, if taken before; else computed here.
+        images None (the inputs were prepared at intake, ml/prepared.py): then every image's
+        statistics must be given, and there are no overlays.
         """
         meta = self.metadata
         threshold = self.threshold
-        attrs = list(attributes) if attributes is not None else [None] * len(images)
-        verdicts: list[Any] = [None] * len(images)
+        n = len(out.probability)
+        if images is None and (overlays or statistics is None
+                               or any(st is None for st in statistics)):
+            raise ValueError("without the images, every image's statistics and no overlays")
+        originals = [None] * n if images is None else list(images)
+        attrs = list(attributes) if attributes is not None else [None] * n
+        verdicts: list[Any] = [None] * n
         if self.gate is not None:
-            taken = list(statistics) if statistics is not None else [None] * len(images)
+            taken = list(statistics) if statistics is not None else [None] * n
             stats = np.stack([image_statistics(i, a) if st is None else st
-                              for i, a, st in zip(images, attrs, taken, strict=True)])
+                              for i, a, st in zip(originals, attrs, taken, strict=True)])
             verdicts = self.gate.assess(out.features, stats, attrs)
-        heatmaps: list[np.ndarray | None] = [None] * len(images)
+        heatmaps: list[np.ndarray | None] = [None] * n
         if out.cam is not None:
             heatmaps = list(normalise_maps(out.cam))
         pngs = [
             overlay_png(image, heatmap) if overlays and heatmap is not None else None
-            for image, heatmap in zip(images, heatmaps, strict=True)
+            for image, heatmap in zip(originals, heatmaps, strict=True)
         ]
         # Compare as Python floats: under NumPy 2 promotion, float32 >= float would round the
         # threshold to float32 and could disagree with the probability we report.

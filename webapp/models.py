@@ -179,6 +179,22 @@ class Image(db.Model):
     prediction: Mapped[Prediction | None] = relationship(
         back_populates="image", uselist=False, cascade="all, delete-orphan"
     )
+    prepared: Mapped[PreparedInput | None] = relationship(
+        uselist=False, cascade="all, delete-orphan"
+    )
+
+
+class PreparedInput(db.Model):
+    """An image's model input, made at intake (ml/prepared.py) so the worker need not decode it;
+    used only when its key matches the served model's, and dropped once its study is done."""
+
+    __tablename__ = "prepared_inputs"
+
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Prediction(db.Model):

@@ -17,12 +17,14 @@ from flask import current_app
 from werkzeug.datastructures import FileStorage
 from werkzeug.utils import secure_filename
 
+from ml.artifact import ArtifactError, current_metadata
 from ml.imaging import DICOM, DecodedImage, ImageError, Limits, decode_image
+from ml.prepared import encode, input_key, prepare
 from webapp import jobs
 from webapp.broker import enqueue_study
 from webapp.deidentify import DeidentificationError, StudyDeidentifier
 from webapp.extensions import db
-from webapp.models import Image, Study
+from webapp.models import Image, PreparedInput, Study
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,18 @@ def create_study(
     return store_study(checked, patient_ref=patient_ref, accession=accession, owner_id=owner_id)
 
 
+def _prepared_inputs(checked: Sequence[CheckedImage]) -> list[PreparedInput | None]:
+    """Each image's model input for the installed model (ml/prepared.py), made now that it is
+    decoded, so the worker need not decode it again; None where there is no model to ask."""
+    try:
+        meta = current_metadata(current_app.config["MODEL_DIR"])
+    except ArtifactError:
+        return [None] * len(checked)  # this host has no model: the worker decodes
+    key = input_key(meta)
+    return [PreparedInput(key=key, data=encode(prepare(i.image.pixels, i.image.attributes, meta)))
+            for i in checked]
+
+
 def store_study(
     checked: Sequence[CheckedImage],
     *,
@@ -157,6 +171,7 @@ def store_study(
     """
     study = Study(owner_id=owner_id, patient_ref=patient_ref, accession=accession)
     jobs.start_queued(study)
+    prepared = _prepared_inputs(checked)
     for position, item in enumerate(checked):
         study.images.append(
             Image(
@@ -170,6 +185,7 @@ def store_study(
                 bit_depth=item.image.bit_depth,
                 attributes=item.image.attributes,
                 data=item.data,
+                prepared=prepared[position],
             )
         )
     db.session.add(study)

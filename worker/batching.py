@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Request:
     batch: np.ndarray
-    images: Sequence[np.ndarray]
     explain: bool
     attributes: Sequence[Mapping[str, Any] | None] | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -46,17 +45,18 @@ class Ticket:
         self._batcher = batcher
         self._open = True
 
-    def submit(self, batch: np.ndarray, images: Sequence[np.ndarray], explain: bool,
+    def submit(self, batch: np.ndarray, images: Sequence[np.ndarray] | None, explain: bool,
                timeout: float | None = None,
                attributes: Sequence[Mapping[str, Any] | None] | None = None,
                statistics: Sequence[np.ndarray | None] | None = None) -> list[Prediction]:
         """Queue the preprocessed batch and wait for its predictions (attributes and the gate's
-        statistics if already taken: per image, for the gate).
+        statistics if already taken: per image, for the gate). images: the decoded originals,
+        or None where the batch was prepared at intake (then every image's statistics).
 
         Heatmaps come back as normalised CAMs (Prediction.cam), not drawn: drawing them is
         left to whoever shows them (webapp/media/heatmaps.py).
         """
-        request = _Request(batch, images, explain, attributes)
+        request = _Request(batch, explain, attributes)
         self._batcher._enqueue(request, ticket=self)
         if not request.done.wait(timeout):
             raise TimeoutError("inference did not finish within the time limit")
@@ -122,14 +122,14 @@ class Batcher:
                 self._cond.wait()
             deadline = time.monotonic() + self.max_wait
             while (self._incoming > 0
-                   and sum(len(r.images) for r in self._pending) < self.max_size
+                   and sum(len(r.batch) for r in self._pending) < self.max_size
                    and (remaining := deadline - time.monotonic()) > 0):
                 self._cond.wait(remaining)
             taken, size = [], 0
-            while self._pending and (not taken or size + len(self._pending[0].images) <= self.max_size):
+            while self._pending and (not taken or size + len(self._pending[0].batch) <= self.max_size):
                 request = self._pending.pop(0)
                 taken.append(request)
-                size += len(request.images)
+                size += len(request.batch)
             return taken
 
     def _loop(self) -> None:

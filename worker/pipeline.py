@@ -10,15 +10,17 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from flask import current_app
-from sqlalchemy import bindparam, exists, select
+from sqlalchemy import bindparam, delete, exists, select
 from sqlalchemy.exc import DBAPIError
 
-from ml.artifact import ArtifactError
+from ml.artifact import ArtifactError, ModelMetadata
 from ml.imaging import ImageError, Limits, decode_image
 from ml.overlay import encode_cam
+from ml.prepared import Prepared, input_key, model_batch
+from ml.prepared import decode as decode_prepared
 from webapp import jobs
 from webapp.extensions import db
-from webapp.models import Image, Study
+from webapp.models import Image, PreparedInput, Study
 from webapp.pacs.models import DicomOrigin
 from webapp.pacs.sends import after_study
 from worker.isolation import Isolation
@@ -35,16 +37,27 @@ class _Loaded:
     image_id: int
     filename: str
     data: bytes
+    attributes: dict[str, Any] | None
+    prepared_key: str | None  # the model input made at intake (ml/prepared.py), if any
+    prepared: bytes | None
 
 
 # The statements a study runs, built once: SQLAlchemy then finds each compiled form by a cache
 # key it computed the first time, instead of building the statement and its key per study.
 _FROM_PACS = exists().where(DicomOrigin.study_id == bindparam("study_id"))
-_IMAGES = (select(Image.id, Image.filename, Image.data, _FROM_PACS)
+_IMAGES = (select(Image.id, Image.filename, Image.data, Image.attributes, PreparedInput.key,
+                  PreparedInput.data, _FROM_PACS)
+           .outerjoin(PreparedInput, PreparedInput.image_id == Image.id)
            .where(Image.study_id == bindparam("study_id"))
            .order_by(Image.position))
 _SENT = select(_FROM_PACS)
 _ATTEMPTS = select(Study.attempts).where(Study.id == bindparam("study_id"))
+
+
+# The prepared inputs of finished studies: a re-run (none is planned) would decode the images.
+_DROP_PREPARED = delete(PreparedInput).where(
+    exists().where(Image.id == PreparedInput.image_id, Study.id == Image.study_id,
+                   Study.status.in_(jobs.FINISHED)))
 
 
 def _load_images(study_id: str) -> tuple[list[_Loaded], bool]:
@@ -53,9 +66,22 @@ def _load_images(study_id: str) -> tuple[list[_Loaded], bool]:
     whose failure the PACS must hear of too. Ends the session."""
     params = {"study_id": study_id}
     rows = db.session.execute(_IMAGES, params).all()
-    sent = bool(rows[0][3]) if rows else bool(db.session.execute(_SENT, params).scalar())
+    sent = bool(rows[0][6]) if rows else bool(db.session.execute(_SENT, params).scalar())
     db.session.remove()
-    return [_Loaded(*row[:3]) for row in rows], sent
+    return [_Loaded(*row[:6]) for row in rows], sent
+
+
+def _prepared(images: list[_Loaded], meta: ModelMetadata) -> list[Prepared] | None:
+    """The model inputs made at intake, if every image has one for this model; else None."""
+    key = input_key(meta)
+    ready = []
+    for item in images:
+        found = (decode_prepared(item.prepared, meta.input_size)
+                 if item.prepared is not None and item.prepared_key == key else None)
+        if found is None:
+            return None  # another model's, or none: decode them all, as one batch
+        ready.append(found)
+    return ready
 
 
 def _fail(token: jobs.Claim, code: str, message: str) -> str:
@@ -124,17 +150,24 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> tuple[str, bool]:
         limits = Limits(max_bytes=max(len(i.data) for i in images) + 1,
                         max_pixels=config["MAX_IMAGE_PIXELS"])
         with batcher.announce() as ticket:
-            pixels, attributes, statistics = [], [], []
-            for item in images:
-                try:
-                    decoded = decode_image(item.data, limits)
-                except ImageError as exc:
-                    return _fail(token, exc.code, f"{item.filename}: {exc.message}"), from_pacs
-                pixels.append(decoded.pixels)
-                attributes.append(decoded.attributes)  # DICOM tags and colour, for the input gate
-                # The gate's statistics now, while the image is in the CPU's caches.
-                statistics.append(batcher.predictor.statistics(decoded.pixels, decoded.attributes))
-            batch = batcher.predictor.preprocess(pixels)  # in this thread: overlaps inference
+            ready = _prepared(images, batcher.predictor.metadata)
+            if ready is not None:  # made at intake for this model: nothing to decode
+                batch, pixels = model_batch(ready), None
+                attributes = [item.attributes for item in images]
+                statistics = [p.statistics for p in ready]
+            else:
+                pixels, attributes, statistics = [], [], []
+                for item in images:
+                    try:
+                        decoded = decode_image(item.data, limits)
+                    except ImageError as exc:
+                        return _fail(token, exc.code, f"{item.filename}: {exc.message}"), from_pacs
+                    pixels.append(decoded.pixels)
+                    attributes.append(decoded.attributes)  # DICOM tags and colour, for the gate
+                    # The gate's statistics now, while the image is in the CPU's caches.
+                    statistics.append(batcher.predictor.statistics(decoded.pixels,
+                                                                   decoded.attributes))
+                batch = batcher.predictor.preprocess(pixels)  # in this thread: overlaps inference
             results = ticket.submit(batch, pixels, explain=config["GRADCAM"],
                                     timeout=config["CELERY"]["task_soft_time_limit"],
                                     attributes=attributes, statistics=statistics)
@@ -217,3 +250,13 @@ def requeue_stale(send: Callable[[str], object],
             sent += 1
     db.session.remove()
     return sent
+
+
+def drop_prepared() -> int:
+    """Delete the prepared inputs (ml/prepared.py) of finished studies; returns how many."""
+    dropped = db.session.execute(_DROP_PREPARED).rowcount
+    db.session.commit()
+    db.session.remove()
+    if dropped:
+        log.info("event=prepared_dropped images=%d", dropped)
+    return dropped

@@ -28,5 +28,7 @@ def process_study(study_id: str) -> str:
 
 @shared_task(name="worker.tasks.requeue_stale_studies", autoretry_for=TRANSIENT, max_retries=2)
 def requeue_stale_studies() -> int:
-    """Re-send studies whose worker was lost or whose message was (the sweeper)."""
+    """Re-send studies whose worker was lost or whose message was (the sweeper); drop the
+    inputs prepared at intake for studies that are done."""
+    pipeline.drop_prepared()
     return pipeline.requeue_stale(send=process_study.delay, queue_depth=queue_depth)

@@ -77,6 +77,7 @@ def test_unreadable_stored_bytes_fail_the_study_not_the_worker(app, client):
     with app.app_context():
         image = db.session.scalars(select(Image).where(Image.study_id == study_id, Image.position == 1)).one()
         image.data = b"\x89PNG\r\n\x1a\n garbage"
+        image.prepared = None  # as if uploaded for another model: the worker decodes the bytes
         db.session.commit()
         assert pipeline.run_study(study_id) == "failed"
         assert prediction_count(study_id) == 0  # nothing half-written
