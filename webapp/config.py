@@ -29,6 +29,7 @@ ENV_VARS: dict[str, str] = {
     "MAX_IMAGE_MB": "largest single image file in MiB; default 32",
     "MAX_IMAGE_PIXELS": "largest decoded image in pixels; default 60000000",
     "MAX_FILES_PER_STUDY": "most images in one study; default 16",
+    "PREPARE_INPUTS": "store each image's model input at intake, so workers need not decode it again (1/0); 200 KB an image until its study is done; default 1",
     "STORE_DICOM_IDENTIFIERS": "store DICOM uploads as sent (1/0); with 0 they are de-identified (PS3.15 Basic Profile) before they are stored; default 0",
     "DICOM_LISTENER": "start the DICOM storage listener with `make run` (1/0); default 0",
     "DICOM_AE_TITLE": "the listener's AE title, also the calling AE title when results are sent; default COVIDCXR",
@@ -177,6 +178,7 @@ class Settings:
     max_image_pixels: int = 60_000_000
     max_files_per_study: int = 16
     store_dicom_identifiers: bool = False
+    prepare_inputs: bool = True
     dicom_listener: bool = False
     dicom_ae_title: str = "COVIDCXR"
     dicom_bind: str = "127.0.0.1"
@@ -233,6 +235,7 @@ class Settings:
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 60_000_000),
             max_files_per_study=_int(env, "MAX_FILES_PER_STUDY", 16),
             store_dicom_identifiers=_flag(env, "STORE_DICOM_IDENTIFIERS", False),
+            prepare_inputs=_flag(env, "PREPARE_INPUTS", True),
             dicom_listener=_flag(env, "DICOM_LISTENER", False),
             dicom_ae_title=_ae_title(env.get("DICOM_AE_TITLE") or "COVIDCXR", "DICOM_AE_TITLE"),
             dicom_bind=env.get("DICOM_BIND") or "127.0.0.1",
@@ -283,6 +286,7 @@ class Settings:
             "MAX_IMAGE_PIXELS": self.max_image_pixels,
             "MAX_FILES_PER_STUDY": self.max_files_per_study,
             "STORE_DICOM_IDENTIFIERS": self.store_dicom_identifiers,
+            "PREPARE_INPUTS": self.prepare_inputs,
             "DICOM_AE_TITLE": self.dicom_ae_title,
             "DICOM_BIND": self.dicom_bind,
             "DICOM_PORT": self.dicom_port,

@@ -147,6 +147,8 @@ def create_study(
 def _prepared_inputs(checked: Sequence[CheckedImage]) -> list[PreparedInput | None]:
     """Each image's model input for the installed model (ml/prepared.py), made now that it is
     decoded, so the worker need not decode it again; None where there is no model to ask."""
+    if not current_app.config["PREPARE_INPUTS"]:
+        return [None] * len(checked)
     try:
         meta = current_metadata(current_app.config["MODEL_DIR"])
     except ArtifactError:

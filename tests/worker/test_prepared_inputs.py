@@ -114,6 +114,14 @@ def test_without_a_model_at_upload_nothing_is_prepared(app, client, tmp_path):
         assert len(results(study_id)) == 3
 
 
+def test_a_site_may_turn_preparing_off(app, client):
+    app.config["PREPARE_INPUTS"] = False
+    study_id = upload(client, *files())
+    with app.app_context():
+        assert prepared_rows(study_id) == []
+        assert pipeline.run_study(study_id) == "succeeded"
+
+
 def test_the_sweeper_drops_the_inputs_of_finished_studies_only(app, client):
     done_id, waiting_id = upload(client, *files()), upload(client, *files())
     with app.app_context():
