@@ -15,6 +15,8 @@ from ml.imaging import decode_image
 from ml.prepared import decode, input_key
 from ml.preprocess import preprocess_gray
 from tests.conftest import real_xray_paths
+from tests.dicom_objects import cxr_dataset, new_study
+from tests.dicom_objects import encode as dicom_bytes
 from tests.worker.test_pipeline import upload
 from webapp.extensions import db
 from webapp.models import Image, Prediction, PreparedInput
@@ -33,7 +35,12 @@ def colour_jpeg() -> bytes:
 
 
 def files() -> list[tuple[str, bytes]]:
-    return [(p.name, p.read_bytes()) for p in real_xray_paths(2)] + [("photo.jpg", colour_jpeg())]
+    """Two frontal X-rays, a photograph, and a lateral DICOM film (de-identified on upload): its
+    tags reach the gate from the stored row, as they do from a decode."""
+    xrays = real_xray_paths(2)
+    lateral = dicom_bytes(cxr_dataset(xrays[0], new_study(), view="LL"))
+    return ([(p.name, p.read_bytes()) for p in xrays]
+            + [("photo.jpg", colour_jpeg()), ("lateral.dcm", lateral)])
 
 
 def prepared_rows(study_id: str) -> list[PreparedInput]:
@@ -52,7 +59,7 @@ def test_an_upload_stores_what_the_served_model_reads(app, client):
     with app.app_context():
         meta = read_metadata(app.config["MODEL_DIR"])
         rows = prepared_rows(study_id)
-        assert len(rows) == 3 and all(r.key == input_key(meta) for r in rows)
+        assert len(rows) == 4 and all(r.key == input_key(meta) for r in rows)
         for (_, data), row in zip(files(), rows, strict=True):
             decoded = decode_image(data)
             prepared = decode(row.data, meta.input_size)
@@ -60,7 +67,7 @@ def test_an_upload_stores_what_the_served_model_reads(app, client):
                 decoded.pixels, meta.input_size, version=meta.preprocess_version))
             assert np.array_equal(prepared.statistics,
                                   image_statistics(decoded.pixels, decoded.attributes))
-        assert decode(rows[-1].data, meta.input_size).statistics[6] > 0  # colourfulness kept
+        assert decode(rows[2].data, meta.input_size).statistics[6] > 0  # colourfulness kept
 
 
 def test_prepared_and_decoded_studies_get_the_same_results(app, client):
@@ -72,7 +79,7 @@ def test_prepared_and_decoded_studies_get_the_same_results(app, client):
         assert pipeline.run_study(prepared_id) == "succeeded"
         assert pipeline.run_study(decoded_id) == "succeeded"
         assert results(prepared_id) == results(decoded_id)
-        assert len(results(prepared_id)) == 3
+        assert [r[4] for r in results(prepared_id)][3] == "not_frontal"  # from the stored tags
 
 
 def test_the_worker_does_not_decode_a_prepared_study(app, client, monkeypatch):
@@ -84,7 +91,7 @@ def test_the_worker_does_not_decode_a_prepared_study(app, client, monkeypatch):
     monkeypatch.setattr(pipeline, "decode_image", no_decoding)
     with app.app_context():
         assert pipeline.run_study(study_id) == "succeeded"
-        assert len(results(study_id)) == 3
+        assert len(results(study_id)) == 4
 
 
 def test_an_input_prepared_for_another_model_is_not_used(app, client, monkeypatch):
@@ -100,7 +107,7 @@ def test_an_input_prepared_for_another_model_is_not_used(app, client, monkeypatc
         db.session.commit()
         assert pipeline.run_study(study_id) == "succeeded"
         assert pipeline.run_study(short_id) == "succeeded"
-    assert len(calls) == 6
+    assert len(calls) == 8
 
 
 def test_without_a_model_at_upload_nothing_is_prepared(app, client, tmp_path):
@@ -111,7 +118,7 @@ def test_without_a_model_at_upload_nothing_is_prepared(app, client, tmp_path):
     with app.app_context():
         assert prepared_rows(study_id) == []
         assert pipeline.run_study(study_id) == "succeeded"  # decoded by the worker
-        assert len(results(study_id)) == 3
+        assert len(results(study_id)) == 4
 
 
 def test_a_site_may_turn_preparing_off(app, client):
@@ -126,8 +133,8 @@ def test_the_sweeper_drops_the_inputs_of_finished_studies_only(app, client):
     done_id, waiting_id = upload(client, *files()), upload(client, *files())
     with app.app_context():
         assert pipeline.run_study(done_id) == "succeeded"
-        assert pipeline.drop_prepared() == 3
-        assert prepared_rows(done_id) == [] and len(prepared_rows(waiting_id)) == 3
+        assert pipeline.drop_prepared() == 4
+        assert prepared_rows(done_id) == [] and len(prepared_rows(waiting_id)) == 4
         assert pipeline.drop_prepared() == 0
         assert db.session.scalars(select(Image).where(Image.study_id == done_id)).all()
         assert pipeline.run_study(waiting_id) == "succeeded"
