@@ -132,9 +132,11 @@ def test_poison_image_fails_after_bounded_attempts_others_unaffected(
     stack_factory, pg_database, tiny_model_dir
 ):
     # The redelivery after each crash finds the crashed child's lease still running and leaves
-    # the study; the sweeper re-sends it once the lease has run out.
+    # the study; the sweeper re-sends it once the lease has run out. Nothing is prepared at
+    # upload, so the worker decodes, where the crash is injected.
     stack = stack_factory(pg_database, tiny_model_dir, worker=False, beat=True,
-                          extra_env={**FAST_RECOVERY, "TASK_MAX_ATTEMPTS": "3"})
+                          extra_env={**FAST_RECOVERY, "TASK_MAX_ATTEMPTS": "3",
+                                     "PREPARE_INPUTS": "0"})
     poison = stack.upload(("scan.png", poison_png()))["id"]
     good = [stack.upload(xray(i))["id"] for i in range(2)]
     # Prefork: the crash takes down a child, which Celery replaces; the message is requeued.

@@ -28,6 +28,8 @@ LEASES = {
     "STALE_AFTER_S": "600",
     # The broker would hand the message back only after an hour: the lease is what recovers it.
     "VISIBILITY_TIMEOUT_S": "3600",
+    # Nothing prepared at upload: the worker decodes, where the slow marker holds it RUNNING.
+    "PREPARE_INPUTS": "0",
 }
 # Workers started with this PYTHONPATH take SLOW_DECODE_S (default an hour) on a marked image.
 SLOW = str(Path(__file__).parent / "slow") + os.pathsep + str(REPO)
