@@ -35,6 +35,7 @@ from bench.stack import BIN, BenchStack, percentile, real_xrays  # noqa: E402
 from scripts.run_local import free_port, wait_for_port  # noqa: E402
 from tests.dicom_objects import DX_FOR_PRESENTATION, cxr_dataset, new_study  # noqa: E402
 from tests.integration.pacs import Orthanc  # noqa: E402
+from webapp.pacs.transport import store  # noqa: E402
 
 CALLING_AE = "BENCH"
 
@@ -74,7 +75,7 @@ def send_all(port: int, datasets: list, associations: int) -> list[float]:
         assoc = ae.associate("127.0.0.1", port, ae_title="COVIDCXR")
         for ds in chunk:
             t = time.perf_counter()
-            status = assoc.send_c_store(ds)
+            status = store(assoc, ds)
             latencies.append(time.perf_counter() - t)
             if int(status.Status) != 0:
                 errors.append(f"0x{int(status.Status):04X}")
@@ -144,7 +145,7 @@ def latency(stack: BenchStack, port: int, orthanc: Orthanc, runs: int, settle_s:
         ae = AE(ae_title=CALLING_AE)
         ae.add_requested_context(DX_FOR_PRESENTATION)
         assoc = ae.associate("127.0.0.1", port, ae_title="COVIDCXR")
-        assert int(assoc.send_c_store(cxr_dataset(path, study)).Status) == 0
+        assert int(store(assoc, cxr_dataset(path, study)).Status) == 0
         last_received = time.monotonic()
         assoc.release()
         _, arrived = orthanc.wait_for(study["StudyInstanceUID"], 2, timeout=120, poll_s=0.01)

@@ -33,6 +33,7 @@ from tests.integration.pacs import (
     start_listener,
     storescu,
 )
+from webapp.pacs.transport import store
 
 pytestmark = pytest.mark.integration
 SETTLE_S = 1.0
@@ -148,7 +149,7 @@ def test_a_chest_xray_from_the_modality_comes_back_to_the_pacs_as_report_and_hea
             ae.add_requested_context(sop_class)
         assoc = ae.associate("127.0.0.1", port, ae_title=LISTENER_AE)
         other = new_study()
-        codes = [int(assoc.send_c_store(ds).Status) for ds in (
+        codes = [int(store(assoc, ds).Status) for ds in (
             cxr_dataset(png, other, frames=2), report_dataset(other),
             truncated_dataset(png, other), cxr_dataset(png, other))]
         assoc.release()

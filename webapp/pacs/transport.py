@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -23,6 +24,21 @@ STORE_OK = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 # STOW-RS response attributes (PS3.18 10.5.3): FailedSOPSequence and FailureReason.
 FAILED_SOP_SEQUENCE = "00081198"
 FAILURE_REASON = "00081197"
+
+
+def store(assoc, ds: Dataset, *, settle_s: float = 1.0) -> Dataset:
+    """C-STORE one object on an established association and return pynetdicom's status.
+
+    pynetdicom (3.0.4) pauses its reactor thread for each send_c_store and resumes it after.
+    If the next send comes before that thread has woken from the last one, it can take the
+    new reply off the queue itself ("Received unexpected C-STORE service message"): the
+    sender then waits out the DIMSE timeout for a reply it never sees. So wait, briefly and
+    with a bound, until the reactor runs again before sending.
+    """
+    deadline = time.monotonic() + settle_s
+    while assoc._is_paused and assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    return assoc.send_c_store(ds)
 
 
 class SendError(Exception):
@@ -58,7 +74,7 @@ def c_store(datasets: Sequence[Dataset], destination: dict[str, Any], *, calling
     sent = 0
     try:
         for ds in datasets:
-            status = assoc.send_c_store(ds)
+            status = store(assoc, ds)
             if not status:  # no response: timeout, abort or lost connection
                 raise SendError("no_response", f"{destination['label']} did not answer a C-STORE")
             code = int(status.Status)

@@ -21,6 +21,7 @@ from tests.dicom_objects import (
     report_dataset,
     truncated_dataset,
 )
+from webapp.pacs.transport import store
 
 OWNER = "pacs-owner@example.org"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -94,7 +95,7 @@ def test_bad_objects_are_refused_and_the_association_carries_on(app, listener):
     statuses = []
     for ds in (cxr_dataset(png, study), cxr_dataset(png, study, frames=2), report_dataset(study),
                truncated_dataset(png, study), cxr_dataset(png, study)):
-        reply = assoc.send_c_store(ds)
+        reply = store(assoc, ds)
         statuses.append((int(reply.Status), str(reply.get("ErrorComment", "")).split(":")[0]))
     assoc.release()
     assert statuses == [(0x0000, ""), (0xC003, "multi_frame"), (0xC004, "dicom_no_pixel_data"),
@@ -120,7 +121,7 @@ def test_objects_become_one_study_per_study_uid_and_a_full_study_refuses_more(ap
     png = real_xray_paths(1)[0]
     first, second = new_study(), new_study()
     assoc = _associate(listener["port"])
-    codes = [int(assoc.send_c_store(cxr_dataset(png, s)).Status)
+    codes = [int(store(assoc, cxr_dataset(png, s)).Status)
              for s in (first, second, first, second, first)]
     assoc.release()
     assert codes == [0, 0, 0, 0, 0xA701]

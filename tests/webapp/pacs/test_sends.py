@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from datetime import timedelta
 
 import pytest
@@ -224,3 +225,56 @@ def test_c_store_delivers_and_reports_refusals_and_unreachable_peers():
     with pytest.raises(transport.SendError) as down:
         transport.send(_objects(), destination, calling_ae="COVIDCXR", timeout=2)
     assert down.value.code == "unreachable"
+
+
+def _late_reactor(assoc) -> None:
+    """Make pynetdicom's reactor thread wake late after each send, as it does on a loaded machine.
+
+    Resumed after a C-STORE, the reactor sleeps until a reply sits in the queue (at most 1 s),
+    and the sender's own blocking read starts 0.4 s late, so the reactor reaches a reply first
+    whenever a send went out before it woke.
+    """
+    checkpoint, dimse = assoc._reactor_checkpoint, assoc.dimse
+    wait, get_msg = checkpoint.wait, dimse.get_msg
+
+    def late_wait(timeout=None):
+        resumed = not checkpoint.is_set()
+        woke = wait(timeout)
+        deadline = time.monotonic() + 1.0
+        while resumed and dimse.msg_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return woke
+
+    def late_get(block=False):
+        if block:
+            time.sleep(0.4)
+        return get_msg(block)
+
+    checkpoint.wait, dimse.get_msg = late_wait, late_get
+
+
+def test_consecutive_stores_on_one_association_wait_for_the_reactor():
+    server, port, received = _scp([])
+    ae = AE(ae_title="COVIDCXR")
+    ae.dimse_timeout = 2
+    for sop_class in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        ae.add_requested_context(sop_class)
+    try:
+        statuses = {}
+        for name, send in (("pynetdicom", lambda assoc, ds: assoc.send_c_store(ds)),
+                           ("transport.store", transport.store)):
+            assoc = ae.associate("127.0.0.1", port, ae_title="PACS")
+            _late_reactor(assoc)
+            statuses[name] = []
+            for ds in _objects() * 2:  # a lost reply aborts the association: stop there
+                status = send(assoc, ds)
+                statuses[name].append(int(status.Status) if status else None)
+                if not assoc.is_established:
+                    break
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        server.shutdown()
+    # Unguarded, the reactor takes a reply off the queue and the sender waits in vain.
+    assert statuses["pynetdicom"] == [0, None]
+    assert statuses["transport.store"] == [0, 0, 0, 0]
