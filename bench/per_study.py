@@ -1,7 +1,7 @@
 """A worker's CPU per study besides the model, phase by phase, on an idle machine.
 
     .venv/bin/python bench/per_study.py --model-dir models/current -n 300 \
-        [--database-url postgresql+psycopg://127.0.0.1/test] [--rounds 3]
+        [--database-url postgresql+psycopg://127.0.0.1/test] [--rounds 3] [--side 2500]
 
 The worker tier's drain (bench/drain.py) is a ratio: the model's time against everything else
 a study costs. That "everything else" runs in the task threads, so it is measured here in
@@ -42,6 +42,7 @@ PHASES = (
     ("worker.pipeline", "_history", "history"),
     ("webapp.jobs", "claim", "claim"),
     ("worker.pipeline", "_load_images", "load"),
+    ("worker.pipeline", "_uploads", "read uploads"),
     ("worker.pipeline", "decode_image", "decode"),
     ("ml.predictor", "preprocess_batch", "preprocess"),
     ("ml.predictor", "image_statistics", "gate statistics"),
@@ -75,7 +76,23 @@ def instrument(spent: dict[str, float]) -> None:
             setattr(owner, attribute, timed(phase, getattr(owner, attribute), spent))
 
 
-def store(app: Any, paths: list[Path], prepared: bool = True) -> tuple[list[str], float]:
+def enlarged(paths: list[Path], side: int) -> list[tuple[str, bytes]]:
+    """Each X-ray as a PNG of side x side pixels (as full-size uploads are), or as it is (0)."""
+    from PIL import Image as PILImage
+
+    files = []
+    for path in paths:
+        data = path.read_bytes()
+        if side:
+            with PILImage.open(io.BytesIO(data)) as image:
+                out = io.BytesIO()
+                image.convert("L").resize((side, side), PILImage.BILINEAR).save(out, "PNG")
+                data = out.getvalue()
+        files.append((path.name, data))
+    return files
+
+
+def store(app: Any, files: list[tuple[str, bytes]], prepared: bool = True) -> tuple[list[str], float]:
     """Store each X-ray as a study of one image, as an upload does (validated, prepared,
     enqueued); the ids, and the CPU ms per study that took. prepared=False: the prepared inputs
     are deleted afterwards, so the worker decodes (as where the web has no model)."""
@@ -87,16 +104,15 @@ def store(app: Any, paths: list[Path], prepared: bool = True) -> tuple[list[str]
 
     ids, cpu = [], 0.0
     with app.test_request_context():
-        for path in paths:
-            data = path.read_bytes()
-            upload = FileStorage(stream=io.BytesIO(data), filename=path.name)
+        for name, data in files:
+            upload = FileStorage(stream=io.BytesIO(data), filename=name)
             start = time.thread_time()
             ids.append(create_study([upload]).id)
             cpu += time.thread_time() - start
         if not prepared:
             db.session.execute(delete(PreparedInput))
             db.session.commit()
-    return ids, cpu / len(paths) * 1000
+    return ids, cpu / len(files) * 1000
 
 
 def main() -> None:
@@ -109,6 +125,8 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--decode", action="store_true",
                         help="no prepared inputs: the worker decodes every image")
+    parser.add_argument("--side", type=int, default=0,
+                        help="upload each X-ray enlarged to this many pixels a side (0: as shipped)")
     args = parser.parse_args()
 
     from flask_migrate import upgrade
@@ -132,12 +150,12 @@ def main() -> None:
     try:
         with app.app_context():
             upgrade()
-            paths = real_xrays(args.n)
+            files = enlarged(real_xrays(args.n), args.side)
             for _ in range(2):  # the model's load and first batches: not timed
-                for study_id in store(app, paths[: args.warmup], not args.decode)[0]:
+                for study_id in store(app, files[: args.warmup], not args.decode)[0]:
                     pipeline.run_study(study_id)
             for _ in range(args.rounds):
-                ids, upload_ms = store(app, paths, not args.decode)
+                ids, upload_ms = store(app, files, not args.decode)
                 spent.clear()
                 cpu = wall = 0.0
                 for study_id in ids:
@@ -167,7 +185,7 @@ def main() -> None:
         f"`{args.model_dir.resolve().name}`, {engine}, {args.n} studies x {args.rounds} rounds\n\n",
         f"`python bench/per_study.py --model-dir {args.model_dir} -n {args.n} --rounds "
         f"{args.rounds}{' --database-url ' + engine + '://...' if args.database_url else ''}"
-        f"{' --decode' if args.decode else ''}`\n\n",
+        f"{' --decode' if args.decode else ''}{f' --side {args.side}' if args.side else ''}`\n\n",
         f"{machine()}\n\n",
         "| phase | CPU ms per study (median of rounds) | rounds |\n|---|---|---|\n",
     ]

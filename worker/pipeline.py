@@ -36,7 +36,6 @@ _leases = Leases()
 class _Loaded:
     image_id: int
     filename: str
-    data: bytes
     attributes: dict[str, Any] | None
     prepared_key: str | None  # the model input made at intake (ml/prepared.py), if any
     prepared: bytes | None
@@ -45,11 +44,13 @@ class _Loaded:
 # The statements a study runs, built once: SQLAlchemy then finds each compiled form by a cache
 # key it computed the first time, instead of building the statement and its key per study.
 _FROM_PACS = exists().where(DicomOrigin.study_id == bindparam("study_id"))
-_IMAGES = (select(Image.id, Image.filename, Image.data, Image.attributes, PreparedInput.key,
+# The uploads themselves (megabytes each at full size) are read only if they must be decoded.
+_IMAGES = (select(Image.id, Image.filename, Image.attributes, PreparedInput.key,
                   PreparedInput.data, _FROM_PACS)
            .outerjoin(PreparedInput, PreparedInput.image_id == Image.id)
            .where(Image.study_id == bindparam("study_id"))
            .order_by(Image.position))
+_DATA = select(Image.data).where(Image.study_id == bindparam("study_id")).order_by(Image.position)
 _SENT = select(_FROM_PACS)
 _ATTEMPTS = select(Study.attempts).where(Study.id == bindparam("study_id"))
 
@@ -66,9 +67,16 @@ def _load_images(study_id: str) -> tuple[list[_Loaded], bool]:
     whose failure the PACS must hear of too. Ends the session."""
     params = {"study_id": study_id}
     rows = db.session.execute(_IMAGES, params).all()
-    sent = bool(rows[0][6]) if rows else bool(db.session.execute(_SENT, params).scalar())
+    sent = bool(rows[0][5]) if rows else bool(db.session.execute(_SENT, params).scalar())
     db.session.remove()
-    return [_Loaded(*row[:6]) for row in rows], sent
+    return [_Loaded(*row[:5]) for row in rows], sent
+
+
+def _uploads(study_id: str) -> list[bytes]:
+    """The study's uploaded files in order, for decoding. Ends the session."""
+    data = list(db.session.scalars(_DATA, {"study_id": study_id}))
+    db.session.remove()
+    return data
 
 
 def _prepared(images: list[_Loaded], meta: ModelMetadata) -> list[Prepared] | None:
@@ -147,8 +155,6 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> tuple[str, bool]:
         except ArtifactError as exc:
             message = "no model installed" if exc.code == "no_model" else exc.message
             return _fail(token, exc.code, message), from_pacs
-        limits = Limits(max_bytes=max(len(i.data) for i in images) + 1,
-                        max_pixels=config["MAX_IMAGE_PIXELS"])
         with batcher.announce() as ticket:
             ready = _prepared(images, batcher.predictor.metadata)
             if ready is not None:  # made at intake for this model: nothing to decode
@@ -156,10 +162,13 @@ def _work(study_id: str, token: jobs.Claim, config: Any) -> tuple[str, bool]:
                 attributes = [item.attributes for item in images]
                 statistics = [p.statistics for p in ready]
             else:
+                uploads = _uploads(study_id)
+                limits = Limits(max_bytes=max(map(len, uploads)) + 1,
+                                max_pixels=config["MAX_IMAGE_PIXELS"])
                 pixels, attributes, statistics = [], [], []
-                for item in images:
+                for item, data in zip(images, uploads, strict=True):
                     try:
-                        decoded = decode_image(item.data, limits)
+                        decoded = decode_image(data, limits)
                     except ImageError as exc:
                         return _fail(token, exc.code, f"{item.filename}: {exc.message}"), from_pacs
                     pixels.append(decoded.pixels)

@@ -82,13 +82,17 @@ def test_prepared_and_decoded_studies_get_the_same_results(app, client):
         assert [r[4] for r in results(prepared_id)][3] == "not_frontal"  # from the stored tags
 
 
-def test_the_worker_does_not_decode_a_prepared_study(app, client, monkeypatch):
+def test_the_worker_neither_reads_nor_decodes_the_uploads_of_a_prepared_study(app, client,
+                                                                            monkeypatch):
     study_id = upload(client, *files())
 
-    def no_decoding(*args, **kwargs):
-        raise AssertionError("decoded a prepared image")
+    def refuse(what: str):
+        def call(*args, **kwargs):
+            raise AssertionError(what)
+        return call
 
-    monkeypatch.setattr(pipeline, "decode_image", no_decoding)
+    monkeypatch.setattr(pipeline, "decode_image", refuse("decoded a prepared image"))
+    monkeypatch.setattr(pipeline, "_uploads", refuse("read the uploaded files (megabytes each)"))
     with app.app_context():
         assert pipeline.run_study(study_id) == "succeeded"
         assert len(results(study_id)) == 4
