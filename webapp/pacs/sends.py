@@ -209,8 +209,11 @@ def results_for(session: Session, study_id: str) -> reports.StudyResults | None:
         .order_by(Image.position)
     ).all()
     references = origin.identifiers.get("images") or []
-    images = [
-        reports.ImageResult(
+    kept, finished_at = origin.identifiers["study"], study.finished_at or utcnow()
+    # Every value read before the first heatmap is drawn: drawing one keeps it (a commit),
+    # which would expire these objects and reload each one.
+    fields = [
+        dict(
             position=position,
             reference=references[position] if position < len(references) else None,
             probability_covid=p.probability_covid,
@@ -218,17 +221,18 @@ def results_for(session: Session, study_id: str) -> reports.StudyResults | None:
             threshold=p.threshold,
             abstain_reason=p.abstain_reason,
             abstain_message=abstain_message(p.abstain_reason),
-            heatmap_png=overlay_for(session, p.image_id),
             model_version=p.model_version,
             model_sha256=p.model_sha256,
             model_trained=p.model_trained,
         )
         for position, p in rows
     ]
-    if not images:
+    image_ids = [p.image_id for _, p in rows]
+    if not fields:
         return None
-    return reports.StudyResults(study_id, study.finished_at or utcnow(),
-                                origin.identifiers["study"], images)
+    images = [reports.ImageResult(**f, heatmap_png=overlay_for(session, image_id))
+              for f, image_id in zip(fields, image_ids, strict=True)]
+    return reports.StudyResults(study_id, finished_at, kept, images)
 
 
 def run_send(send_id: int) -> Outcome:

@@ -278,3 +278,41 @@ def test_consecutive_stores_on_one_association_wait_for_the_reactor():
     # Unguarded, the reactor takes a reply off the queue and the sender waits in vain.
     assert statuses["pynetdicom"] == [0, None]
     assert statuses["transport.store"] == [0, 0, 0, 0]
+
+
+def test_results_are_read_whole_before_heatmaps_are_drawn_and_kept(app):
+    """Drawing a heatmap keeps it (a commit); the results must not be reloaded row by row after."""
+    import numpy as np
+    from sqlalchemy import event
+
+    from ml.overlay import encode_cam
+
+    with app.app_context():
+        study_id = add_study(None, predictions=[(0.8, "covid"), (0.1, "no_covid")])
+        db.session.add(DicomOrigin(study_id=study_id, via="dimse", calling_ae="PACS",
+                                   identifiers=KEPT))
+        db.session.execute(update(Prediction).values(
+            heatmap_png=None, heatmap_cam=encode_cam(np.linspace(0, 1, 49).reshape(7, 7))))
+        db.session.commit()
+        db.session.remove()
+        seen: list[str] = []
+
+        def record(conn, cursor, statement, *args):
+            seen.append(" ".join(statement.split()))
+
+        event.listen(db.engine, "before_cursor_execute", record)
+        try:
+            results = sends.results_for(db.session, study_id)
+        finally:
+            event.remove(db.engine, "before_cursor_execute", record)
+            db.session.remove()
+    assert [(i.position, i.label, i.probability_covid) for i in results.images] == \
+        [(0, "covid", 0.8), (1, "no_covid", 0.1)]
+    assert all(i.heatmap_png.startswith(b"\x89PNG") for i in results.images)
+    assert results.identifiers == KEPT["study"]
+    drawn = [s for s in seen if s.startswith("UPDATE predictions SET heatmap_png")]
+    assert len(drawn) == 2
+    # After the first map is kept, only the second map's own statements: nothing reloaded.
+    after = seen[seen.index(drawn[0]) + 1:]
+    assert not [s for s in after if "FROM predictions" in s and "predictions.image_id =" not in s], after
+    assert not [s for s in after if "FROM dicom_origins" in s or "FROM studies" in s], after
