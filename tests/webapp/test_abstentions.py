@@ -46,6 +46,8 @@ def test_page_says_why_and_never_shows_the_probability(app, client, clinician_id
     assert page.count("reads frontal") == 1  # and what the model reads, once
     assert "0.773" not in page  # the kept probability is not a reading
     assert page.count('class="heatmap"') == 1
+    # The preview is captioned as what was sent, not as an X-ray: a CT slice may be under it.
+    assert "<figcaption>X-ray</figcaption>" not in page and "As uploaded" in page
 
 
 def test_dashboard_and_metrics_count_abstentions_by_reason_and_version(app, admin_client, clinician_id):
