@@ -36,7 +36,9 @@ def store(assoc, ds: Dataset, *, settle_s: float = 1.0) -> Dataset:
     with a bound, until the reactor runs again before sending.
     """
     deadline = time.monotonic() + settle_s
-    while assoc._is_paused and assoc.is_established and time.monotonic() < deadline:
+    # A private flag (pynetdicom is pinned); a release without it sends at once, as before.
+    while (getattr(assoc, "_is_paused", False) and assoc.is_established
+           and time.monotonic() < deadline):
         time.sleep(0.0005)
     return assoc.send_c_store(ds)
 
