@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 class _Request:
     batch: np.ndarray
     explain: bool
-    attributes: Sequence[Mapping[str, Any] | None] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: Outputs | None = None
     inference_ms: float = 0.0
@@ -56,7 +55,7 @@ class Ticket:
         Heatmaps come back as normalised CAMs (Prediction.cam), not drawn: drawing them is
         left to whoever shows them (webapp/media/heatmaps.py).
         """
-        request = _Request(batch, explain, attributes)
+        request = _Request(batch, explain)
         self._batcher._enqueue(request, ticket=self)
         if not request.done.wait(timeout):
             raise TimeoutError("inference did not finish within the time limit")
