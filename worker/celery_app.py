@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 from celery.signals import worker_init, worker_process_init
@@ -23,19 +22,6 @@ import worker.tasks  # noqa: E402,F401  (register the tasks on this app)
 
 log = logging.getLogger(__name__)
 
-# The batcher's lanes run the model outside the GIL but need it for a moment after every forward
-# pass; while the task threads run Python beside them, each such moment could wait out the
-# interpreter's switch interval (5 ms by default), a lane's core idle meanwhile. At 0.5 ms the
-# int8 variant's drain on an AVX-512 VNNI CPU rose in five paired runs of five (median 0.79 ->
-# 0.83 of model-only; docs/benchmarks.md, "The worker tier at saturation").
-SWITCH_INTERVAL_S = 0.0005
-
-
-def _prepare_process() -> None:
-    """Everything a process that runs tasks needs before its first one."""
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    _preload()
-
 
 def _preload() -> None:
     # Load the model now so the first study does not pay for it. No model is
@@ -53,7 +39,7 @@ def _after_fork(**_: object) -> None:
     # Prefork children: connections opened by the parent must not be shared.
     with flask_app.app_context():
         db.engine.dispose(close=False)
-    _prepare_process()
+    _preload()
 
 
 @worker_init.connect
@@ -63,4 +49,4 @@ def _in_main_process(sender: Any = None, **_: object) -> None:
     pool = getattr(sender, "pool_cls", None)
     name = getattr(pool, "__module__", str(pool or ""))
     if "prefork" not in name:
-        _prepare_process()
+        _preload()
