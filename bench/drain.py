@@ -16,7 +16,7 @@ second, so each drain also says where its CPU went per study: the lanes (the mod
 consumer thread and the task threads (everything else a study costs). With --profile, py-spy
 samples the worker during the drains and the slowest functions (own time and with callees)
 are printed and saved.
-Appends to docs/benchmarks.md.
+Appends to docs/benchmarks.md (--no-record: prints the tables instead, for paired runs).
 """
 
 from __future__ import annotations
@@ -235,6 +235,8 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="py-spy the worker; collapsed stacks into this folder"
     )
+    parser.add_argument("--no-record", action="store_true",
+                        help="print the tables instead of appending them to docs/benchmarks.md")
     args = parser.parse_args()
     model_dir = args.model_dir.resolve()
     files = real_xrays(args.n)
@@ -282,7 +284,10 @@ def main() -> None:
                 *hot_functions(raw),
             ]
     text = "\n".join(lines) + "\n"
-    record(text)
+    if args.no_record:
+        print(text)
+    else:
+        record(text)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ resizes itself), timed as served: Predictor.forward (classifier, then the networ
 classifier alone, in alternating rounds (the median difference, its range, and the network
 timed alone beside them). A gate on the classifier's features pays nothing for them:
 they are the pooled output the classifier head reads anyway (compared too: the forward pass
-with and without the features output). Appends a table to docs/benchmarks.md.
+with and without the features output). Appends a table to docs/benchmarks.md (--no-record:
+prints it instead, for paired runs that should not each leave one).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=1,
                         help="as the worker's INFERENCE_LANES: each run gets CPUs // lanes threads "
                         "(one lane runs here)")
+    parser.add_argument("--no-record", action="store_true",
+                        help="print the table instead of appending it to docs/benchmarks.md")
     args = parser.parse_args()
     predictor = Predictor.load(args.model_dir, backend=args.backend, require_gate=True,
                                lanes=args.lanes)
@@ -109,7 +112,10 @@ def main() -> None:
             f"{predictor.gate.version}, lanes {args.lanes}, radiographs enlarged to {args.side} px, "
             f"{args.rounds} rounds of median of {args.repeats}. {machine()}.\n\n{header}\n"
             + "\n".join(lines) + "\n")
-    record(text)
+    if args.no_record:
+        print(text)
+    else:
+        record(text)
 
 
 if __name__ == "__main__":
