@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--variants", type=int, default=3)
+    parser.add_argument("--ood-variants", type=int, default=0,
+                        help="variants of each training lateral film and CT image, beyond --variants")
     parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--stage", choices=["all", "data", "train", "fit"], default="all")
     parser.add_argument("--target", choices=["axes", "gate"], default="gate",
@@ -223,6 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher features: {time.perf_counter() - t0:.0f} s", flush=True)
     with np.load(targets_path) as npz:
         base_features, extra, extra_features = npz["base"], npz["extra"], npz["extra_features"]
+    if args.ood_variants:
+        # Lateral films and CT are a few dozen of thousands: more variants of the training ones.
+        ood_path = args.work / f"targets-ood{args.ood_variants}.npz"
+        if not ood_path.is_file():
+            rng = np.random.default_rng(1)
+            index = np.flatnonzero(train & np.isin([s.kind for s in samples], ["lateral_xray", "ct"]))
+            more = np.stack([variant(data["grey"][i].astype(np.float32), rng)
+                             for i in np.repeat(index, args.ood_variants)]).astype(np.float16)
+            np.savez(ood_path, extra=more, extra_features=teacher(network, more))
+        with np.load(ood_path) as npz:
+            extra = np.concatenate([extra, npz["extra"]])
+            extra_features = np.concatenate([extra_features, npz["extra_features"]])
     if args.stage == "data":
         return 0
 
@@ -239,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     y_train = targets(np.concatenate([base_features[train], extra_features]))
     held = splits == "val"
     x_val, y_val = resized(data["grey"][held], args.size), targets(base_features[held])
-    student_dir = args.work / f"student-{args.size}-{args.width}-{args.target}"
+    student_dir = args.work / (f"student-{args.size}-{args.width}-{args.target}"
+                               + (f"-ood{args.ood_variants}" if args.ood_variants else ""))
     student_dir.mkdir(exist_ok=True)
     keras_path = student_dir / "student.keras"
     import keras
