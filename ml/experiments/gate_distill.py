@@ -119,7 +119,8 @@ def teacher(network: Any, grey: np.ndarray, batch: int = 32) -> np.ndarray:
 
 def student_model(size: int, width: int) -> Any:
     """A plain stack of 3 x 3 convolutions (ONNX Runtime runs them as GEMMs, unlike Lite0's
-    depthwise ones), pooled by mean and max, to AXES values."""
+    depthwise ones), pooled by mean and max, to two outputs: `axes` (AXES whitened coordinates)
+    and `gate` (the six class logits' parts from them and the log distance)."""
     import keras
     from keras import layers
 
