@@ -284,10 +284,7 @@ def main() -> None:
                 *hot_functions(raw),
             ]
     text = "\n".join(lines) + "\n"
-    if args.no_record:
-        print(text)
-    else:
-        record(text)
+    record(text, append=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -112,10 +112,7 @@ def main() -> None:
             f"{predictor.gate.version}, lanes {args.lanes}, radiographs enlarged to {args.side} px, "
             f"{args.rounds} rounds of median of {args.repeats}. {machine()}.\n\n{header}\n"
             + "\n".join(lines) + "\n")
-    if args.no_record:
-        print(text)
-    else:
-        record(text)
+    record(text, append=not args.no_record)
 
 
 if __name__ == "__main__":

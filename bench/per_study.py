@@ -201,10 +201,7 @@ def main() -> None:
     lines.append(f"| the upload, in the web (decode, prepare, store, enqueue) | "
                  f"{median['upload']:.3f} | {each('upload')} |\n")
     text = "".join(lines)
-    if args.no_record:
-        print(text)
-    else:
-        record(text)
+    record(text, append=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ def machine() -> str:
     return f"CPU: {model}, {os.cpu_count()} cores, flags: {shown}"
 
 
-def record(text: str) -> None:
-    """Print text and append it to docs/benchmarks.md."""
+def record(text: str, append: bool = True) -> None:
+    """Print text and, unless append is False (a bench's --no-record), append it to
+    docs/benchmarks.md."""
     print(text)
-    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-        f.write(text)
+    if append:
+        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+            f.write(text)
