@@ -111,6 +111,13 @@ def variant(plane: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out * 255.0, 0, 255)
 
 
+def variants(grey: np.ndarray, index: np.ndarray, n: int,
+             rng: np.random.Generator) -> np.ndarray:
+    """n variants of each grey plane grey[index], as float16 (the caches' type)."""
+    return np.stack([variant(grey[i].astype(np.float32), rng)
+                     for i in np.repeat(index, n)]).astype(np.float16)
+
+
 def teacher(network: Any, grey: np.ndarray, batch: int = 32) -> np.ndarray:
     """The served network's features of grey planes (as the classifier's caffe batch)."""
     return np.concatenate([network(to_caffe(grey[i:i + batch].astype(np.float32)))
@@ -219,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         base_features = teacher(network, data["grey"])
         rng = np.random.default_rng(0)
         index = np.flatnonzero(train)
-        extra = np.stack([variant(data["grey"][i].astype(np.float32), rng)
-                          for i in np.repeat(index, args.variants)]).astype(np.float16)
+        extra = variants(data["grey"], index, args.variants, rng)
         extra_features = teacher(network, extra)
         np.savez(targets_path, base=base_features, extra=extra, extra_features=extra_features)
         print(f"teacher features: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -232,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ood_path.is_file():
             rng = np.random.default_rng(1)
             index = np.flatnonzero(train & np.isin([s.kind for s in samples], ["lateral_xray", "ct"]))
-            more = np.stack([variant(data["grey"][i].astype(np.float32), rng)
-                             for i in np.repeat(index, args.ood_variants)]).astype(np.float16)
+            more = variants(data["grey"], index, args.ood_variants, rng)
             np.savez(ood_path, extra=more, extra_features=teacher(network, more))
         with np.load(ood_path) as npz:
             extra = np.concatenate([extra, npz["extra"]])
