@@ -33,14 +33,14 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ml.artifact import read_metadata, sha256_file
-from ml.gate import STAT_NAMES, Gate, image_statistics
+from ml.gate import FLAT_STD, STAT_NAMES, Gate, image_statistics, tag_reason
 from ml.preprocess import IMAGENET_BGR_MEAN, preprocess_gray, to_caffe
 from ml.training.gate import (
     TRAIN_ONLY_SOURCES,
@@ -116,6 +116,18 @@ def variants(grey: np.ndarray, index: np.ndarray, n: int,
     """n variants of each grey plane grey[index], as float16 (the caches' type)."""
     return np.stack([variant(grey[i].astype(np.float32), rng)
                      for i in np.repeat(index, n)]).astype(np.float16)
+
+
+def mixes(grey: np.ndarray, index: np.ndarray, partners: np.ndarray, n: int,
+          rng: np.random.Generator) -> np.ndarray:
+    """n convex mixtures l * a + (1 - l) * b of grey planes, a from index and b from partners
+    (l uniform): inputs between kinds, where the teacher's answer is what the student must learn
+    and a few dozen lateral films give it few examples (function matching with mixup, Beyer et
+    al. 2022, "Knowledge distillation: a good teacher is patient and consistent")."""
+    a = grey[rng.choice(index, n)].astype(np.float32)
+    b = grey[rng.choice(partners, n)].astype(np.float32)
+    mix = rng.uniform(0.0, 1.0, (n, 1, 1)).astype(np.float32)
+    return (mix * a + (1.0 - mix) * b).astype(np.float16)
 
 
 def teacher(network: Any, grey: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -200,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", type=int, default=3)
     parser.add_argument("--ood-variants", type=int, default=0,
                         help="variants of each training lateral film and CT image, beyond --variants")
+    parser.add_argument("--mixup", type=int, default=0,
+                        help="mixtures of two training planes, one of them a lateral film or CT "
+                        "image half the time, with the teacher's features on each mixture")
+    parser.add_argument("--leave-out", default="", metavar="KIND",
+                        help="train without any image of this kind (no variants, no mixtures) and "
+                        "choose the screen without it: does the screen fail safe on a kind it "
+                        "never saw?")
     parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--stage", choices=["all", "data", "train", "fit"], default="all")
     parser.add_argument("--target", choices=["axes", "gate"], default="gate",
@@ -232,15 +251,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher features: {time.perf_counter() - t0:.0f} s", flush=True)
     with np.load(targets_path) as npz:
         base_features, extra, extra_features = npz["base"], npz["extra"], npz["extra_features"]
+    kinds = np.array([s.kind for s in samples])
+    kept = kinds != args.leave_out  # every kind unless one is left out
+    keep = np.repeat(kept[train], args.variants)  # the variants are of the training images in order
+    extra, extra_features = extra[keep], extra_features[keep]
+    ood_kinds = np.isin(kinds, ["lateral_xray", "ct"])
     if args.ood_variants:
         # Lateral films and CT are a few dozen of thousands: more variants of the training ones.
         ood_path = args.work / f"targets-ood{args.ood_variants}.npz"
         if not ood_path.is_file():
             rng = np.random.default_rng(1)
-            index = np.flatnonzero(train & np.isin([s.kind for s in samples], ["lateral_xray", "ct"]))
+            index = np.flatnonzero(train & ood_kinds)
             more = variants(data["grey"], index, args.ood_variants, rng)
             np.savez(ood_path, extra=more, extra_features=teacher(network, more))
+        keep = np.repeat(kept[train & ood_kinds], args.ood_variants)
         with np.load(ood_path) as npz:
+            extra = np.concatenate([extra, npz["extra"][keep]])
+            extra_features = np.concatenate([extra_features, npz["extra_features"][keep]])
+    if args.mixup:
+        mix_path = args.work / (f"targets-mix{args.mixup}"
+                                + (f"-without-{args.leave_out}" if args.leave_out else "") + ".npz")
+        if not mix_path.is_file():
+            rng = np.random.default_rng(2)
+            index = np.flatnonzero(train & kept)
+            ood = np.flatnonzero(train & ood_kinds & kept)
+            half = args.mixup // 2
+            more = np.concatenate([mixes(data["grey"], index, ood, half, rng),
+                                   mixes(data["grey"], index, index, args.mixup - half, rng)])
+            np.savez(mix_path, extra=more, extra_features=teacher(network, more))
+        with np.load(mix_path) as npz:
             extra = np.concatenate([extra, npz["extra"]])
             extra_features = np.concatenate([extra_features, npz["extra_features"]])
     if args.stage == "data":
@@ -255,12 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         terms = z @ shipped.weights[:, :AXES].T
         return {"axes": z, "gate": np.c_[terms, np.log((z * z).mean(axis=1))]}
 
-    x_train = resized(np.concatenate([data["grey"][train], extra]), args.size).astype(np.float32)
-    y_train = targets(np.concatenate([base_features[train], extra_features]))
-    held = splits == "val"
+    x_train = resized(np.concatenate([data["grey"][train & kept], extra]),
+                      args.size).astype(np.float32)
+    y_train = targets(np.concatenate([base_features[train & kept], extra_features]))
+    held = (splits == "val") & kept
     x_val, y_val = resized(data["grey"][held], args.size), targets(base_features[held])
     student_dir = args.work / (f"student-{args.size}-{args.width}-{args.target}"
-                               + (f"-ood{args.ood_variants}" if args.ood_variants else ""))
+                               + (f"-ood{args.ood_variants}" if args.ood_variants else "")
+                               + (f"-mix{args.mixup}" if args.mixup else "")
+                               + (f"-without-{args.leave_out}" if args.leave_out else ""))
     student_dir.mkdir(exist_ok=True)
     keras_path = student_dir / "student.keras"
     import keras
@@ -306,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
     # How close the student comes, per kind and split, in the gate's own terms.
     target = targets(base_features)
     teacher_p, teacher_d = shipped.scores(base_features, data["stats"])
-    kinds = np.array([s.kind for s in samples])
     student_gate = StudentGate(**{f.name: getattr(shipped, f.name) for f in fields(Gate)})
     student_p, student_d = student_gate.scores(predicted["gate"], data["stats"])
     fidelity = {}
@@ -355,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
                       "probability": data["probability"]}, list(splits))
         print(f"{name}: P(frontal) >= {p_min:.3f}, distance <= {d_max:.3f}", flush=True)
 
+    # The student as a screen in front of the served gate (limits from validation).
+    screens = screen_report(args.report, shipped, student_gate, samples, data, splits,
+                            base_features, predicted["gate"], left_out=args.leave_out)
+    test_frontal = (splits == "test") & (kinds == "frontal")
+    novel_report(args.report, shipped, student_gate, network, session, data["grey"][test_frontal],
+                 screens)
+
     # The gate refitted on the student's axes by the shipped recipe.
     fit_data = {"features": predicted["axes"], "stats": data["stats"],
                 "probability": data["probability"]}
@@ -379,6 +427,151 @@ class StudentGate(Gate):
         probabilities = np.exp(logits)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         return probabilities, np.exp(features[:, 6])
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def screen_limits(p: np.ndarray, d: np.ndarray, frontal: np.ndarray,
+                  margin: float) -> tuple[float, float, float]:
+    """The screen's limits from validation scores: (minimum logit P(frontal), maximum distance,
+    share of radiographs cleared). Every non-radiograph must fall outside, `margin` logits short
+    of the limit (an image is cleared above it); of all such pairs, the one that clears the most
+    radiographs."""
+    lp = logit(p)
+    best = (np.inf, 0.0, 0.0)
+    for d_max in np.quantile(d[frontal], np.linspace(0.05, 1.0, 96)):
+        inside = ~frontal & (d <= d_max)
+        p_min = (lp[inside].max() + margin) if inside.any() else -np.inf
+        cleared = float(np.mean((lp[frontal] > p_min) & (d[frontal] <= d_max)))
+        if cleared > best[2]:
+            best = (float(p_min), float(d_max), cleared)
+    return best
+
+
+@dataclass(frozen=True)
+class CascadeGate(Gate):
+    """The served gate behind a screen: an image whose student scores (StudentGate) lie inside
+    the screen's limits is answered without the served network; every other image gets the
+    served gate's verdict. Tags and blank images decide first, as always. Its features are the
+    teacher's features followed by the student's seven terms."""
+
+    student: StudentGate | None = None
+    screen: tuple[float, float] = (np.inf, 0.0)  # logit P(frontal) above, distance at most
+
+    def assess(self, features: np.ndarray, stats: np.ndarray,
+               attributes: Any) -> list:
+        assert self.student is not None
+        teacher, terms = features[:, :-7], features[:, -7:]
+        p, d = self.student.scores(terms, stats)
+        cleared = ((logit(p[:, self.classes.index("frontal")]) > self.screen[0])
+                   & (d <= self.screen[1]) & (stats[:, STAT_NAMES.index("std")] >= FLAT_STD))
+        served = Gate.assess(self, teacher, stats, attributes)
+        return [replace(a, reason=None) if c and tag_reason(at) is None else a
+                for a, c, at in zip(served, cleared, attributes, strict=True)]
+
+
+def screen_report(report: Path, shipped: Gate, student_gate: StudentGate, samples: list,
+                  data: dict[str, Any], splits: np.ndarray, teacher_features: np.ndarray,
+                  terms: np.ndarray, margins: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0),
+                  left_out: str = "") -> dict:
+    """The cascade with limits chosen on validation at each margin: what it clears and the
+    gate's report (test and validation) with it."""
+    from ml.evaluation.gate_report import write_report
+
+    p, d = student_gate.scores(terms, data["stats"])
+    frontal_p = p[:, shipped.classes.index("frontal")]
+    kinds = np.array([s.kind for s in samples])
+    flat = data["stats"][:, STAT_NAMES.index("std")] < FLAT_STD
+    val = (splits == "val") & ~flat & (kinds != left_out)
+    out = {}
+    for margin in margins:
+        p_min, d_max, val_cleared = screen_limits(frontal_p[val], d[val],
+                                                  kinds[val] == "frontal", margin)
+        served = shipped.info.get("thresholds", {})
+        chosen = (f"{served.get('chosen_on', 'validation split')}, for the served gate; behind a "
+                  f"screen of the student: logit P(frontal) > {p_min:.3f} and distance <= "
+                  f"{d_max:.3f}, chosen on validation {margin:g} logits clear of every "
+                  "non-radiograph")
+        gate = replace(CascadeGate(**{f.name: getattr(shipped, f.name) for f in fields(Gate)},
+                                   student=student_gate, screen=(p_min, d_max)),
+                       version=f"cascade-margin{margin:g}",
+                       info={**shipped.info, "thresholds": {**served, "chosen_on": chosen}})
+        cleared = (logit(frontal_p) > p_min) & (d <= d_max) & ~flat
+        test = splits == "test"
+        entry = {"min_logit_p_frontal": p_min, "max_distance": d_max,
+                 "val_radiographs_cleared": val_cleared,
+                 "test_radiographs_cleared": float(cleared[test & (kinds == "frontal")].mean()),
+                 "test_others_cleared": {k: int(cleared[test & (kinds == k)].sum())
+                                         for k in np.unique(kinds) if k != "frontal"}}
+        if left_out:  # never trained on, never chosen on: every split is held out for it
+            unseen = (kinds == left_out) & ~flat
+            entry["left_out"] = {
+                "kind": left_out, "images": int(unseen.sum()),
+                "cleared (answered by the cascade)": int(cleared[unseen].sum()),
+                "nearest below limit": float(p_min - logit(frontal_p[unseen & (d <= d_max)]).max())
+                if (unseen & (d <= d_max)).any() else None}
+        # How far below the limit the nearest held-out non-radiograph of each split stayed.
+        for split in ("val", "test"):
+            near = (splits == split) & (kinds != "frontal") & ~flat & (d <= d_max)
+            entry[f"{split}_nearest_other_below_limit"] = (
+                float(p_min - logit(frontal_p[near]).max()) if near.any() else None)
+        write_report(report / f"cascade-margin{margin:g}", gate, samples,
+                     {"features": np.c_[teacher_features, terms], "stats": data["stats"],
+                      "probability": data["probability"]}, list(splits))
+        out[f"margin {margin:g}"] = entry
+        print(f"screen, margin {margin:g}: {json.dumps(entry)}", flush=True)
+    (report / "screen.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def novel_inputs(planes: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs of kinds no stage trained on, made from frontal radiographs (224 px grey planes):
+    turned sideways, upside down, four films tiled as a contact sheet, and a film at half size
+    in a dark frame with a bright bar (a screenshot of a viewer)."""
+    size = planes.shape[1]
+    half = size // 2
+    small = planes[:, ::2, ::2]
+    tiles = np.empty_like(planes)
+    for i in range(len(planes)):
+        four = small[rng.choice(len(planes), 4, replace=False)]
+        tiles[i] = np.block([[four[0], four[1]], [four[2], four[3]]])
+    frame = np.full_like(planes, 20)
+    frame[:, : size // 10] = 200
+    frame[:, half - half // 2: half + half // 2, half - half // 2: half + half // 2] = small
+    return {"sideways": np.rot90(planes, 1, axes=(1, 2)).copy(), "upside_down": planes[:, ::-1].copy(),
+            "contact_sheet": tiles, "screenshot": frame}
+
+
+def novel_report(report: Path, shipped: Gate, student_gate: StudentGate, network: Any,
+                 student: Any, planes: np.ndarray, screens: dict[str, dict]) -> dict:
+    """For novel_inputs of the given radiographs: how many the served gate abstains on, and how
+    many of those each cascade would answer (the screen clears them). The served gate is the
+    reference: what matters is where the student is more lenient than its teacher."""
+    out: dict[str, dict] = {}
+    for name, made in novel_inputs(planes, np.random.default_rng(5)).items():
+        features = teacher(network, made)
+        terms = np.concatenate([student.run(["gate"], {"image": to_caffe(made[i:i + 64].astype(
+            np.float32))})[0] for i in range(0, len(made), 64)])
+        stats = np.stack([image_statistics(m.astype(np.float32) / 255.0) for m in made])
+        served = np.array([a.reason is not None for a in shipped.assess(features, stats,
+                                                                        [None] * len(made))])
+        entry = {"images": len(made), "served_gate_abstained": int(served.sum())}
+        for margin, screen in screens.items():
+            gate = CascadeGate(**{f.name: getattr(shipped, f.name) for f in fields(Gate)},
+                               student=student_gate,
+                               screen=(screen["min_logit_p_frontal"], screen["max_distance"]))
+            cascade = np.array([a.reason is not None for a in gate.assess(
+                np.c_[features, terms], stats, [None] * len(made))])
+            entry[f"cascade {margin}: abstained"] = int(cascade.sum())
+            entry[f"cascade {margin}: answered where the served gate abstains"] = int(
+                (served & ~cascade).sum())
+        out[name] = entry
+        print(f"novel {name}: {json.dumps(entry)}", flush=True)
+    (report / "novel.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
 
 
 if __name__ == "__main__":
