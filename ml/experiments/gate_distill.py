@@ -18,7 +18,12 @@ never trained on. What it learns (`--target`):
   validation radiographs; the refit on its axes output is measured too.
 
 Reports (`ml.evaluation.gate_report`, per kind and source, test and validation), the student's
-fidelity to the teacher per split and kind, and its scores are written under R.
+fidelity to the teacher per split and kind, and its scores are written under R; so are the
+student as a screen in front of the served gate (`CascadeGate`: what the student confidently
+clears is answered, the served gate judges the rest; limits from validation at several margins,
+screen.json and cascade-margin*/) and both gates on inputs no stage trained on (novel.json).
+`--mixup N` adds N mixtures of training planes to what the student learns from; `--leave-out
+KIND` trains it without a kind, to see whether the screen fails safe on a kind it never saw.
 
     python -m ml.experiments.gate_distill --model M --work W --report R
 
@@ -461,13 +466,23 @@ class CascadeGate(Gate):
     student: StudentGate | None = None
     screen: tuple[float, float] = (np.inf, 0.0)  # logit P(frontal) above, distance at most
 
+    @classmethod
+    def around(cls, served: Gate, student: StudentGate,
+               screen: tuple[float, float]) -> CascadeGate:
+        return cls(**{f.name: getattr(served, f.name) for f in fields(Gate)}, student=student,
+                   screen=screen)
+
+    def cleared(self, terms: np.ndarray, stats: np.ndarray) -> np.ndarray:
+        """Which images the screen answers without the served network (never a blank one)."""
+        assert self.student is not None
+        p, d = self.student.scores(terms, stats)
+        return ((logit(p[:, self.classes.index("frontal")]) > self.screen[0])
+                & (d <= self.screen[1]) & (stats[:, STAT_NAMES.index("std")] >= FLAT_STD))
+
     def assess(self, features: np.ndarray, stats: np.ndarray,
                attributes: Any) -> list:
-        assert self.student is not None
         teacher, terms = features[:, :-7], features[:, -7:]
-        p, d = self.student.scores(terms, stats)
-        cleared = ((logit(p[:, self.classes.index("frontal")]) > self.screen[0])
-                   & (d <= self.screen[1]) & (stats[:, STAT_NAMES.index("std")] >= FLAT_STD))
+        cleared = self.cleared(terms, stats)
         served = Gate.assess(self, teacher, stats, attributes)
         return [replace(a, reason=None) if c and tag_reason(at) is None else a
                 for a, c, at in zip(served, cleared, attributes, strict=True)]
@@ -495,11 +510,10 @@ def screen_report(report: Path, shipped: Gate, student_gate: StudentGate, sample
                   f"screen of the student: logit P(frontal) > {p_min:.3f} and distance <= "
                   f"{d_max:.3f}, chosen on validation {margin:g} logits clear of every "
                   "non-radiograph")
-        gate = replace(CascadeGate(**{f.name: getattr(shipped, f.name) for f in fields(Gate)},
-                                   student=student_gate, screen=(p_min, d_max)),
+        gate = replace(CascadeGate.around(shipped, student_gate, (p_min, d_max)),
                        version=f"cascade-margin{margin:g}",
                        info={**shipped.info, "thresholds": {**served, "chosen_on": chosen}})
-        cleared = (logit(frontal_p) > p_min) & (d <= d_max) & ~flat
+        cleared = gate.cleared(terms, data["stats"])
         test = splits == "test"
         entry = {"min_logit_p_frontal": p_min, "max_distance": d_max,
                  "val_radiographs_cleared": val_cleared,
@@ -560,9 +574,8 @@ def novel_report(report: Path, shipped: Gate, student_gate: StudentGate, network
                                                                         [None] * len(made))])
         entry = {"images": len(made), "served_gate_abstained": int(served.sum())}
         for margin, screen in screens.items():
-            gate = CascadeGate(**{f.name: getattr(shipped, f.name) for f in fields(Gate)},
-                               student=student_gate,
-                               screen=(screen["min_logit_p_frontal"], screen["max_distance"]))
+            gate = CascadeGate.around(shipped, student_gate, (screen["min_logit_p_frontal"],
+                                                              screen["max_distance"]))
             cascade = np.array([a.reason is not None for a in gate.assess(
                 np.c_[features, terms], stats, [None] * len(made))])
             entry[f"cascade {margin}: abstained"] = int(cascade.sum())

@@ -106,8 +106,7 @@ def test_the_cascade_answers_what_the_screen_clears_and_otherwise_is_the_served_
     assert sum(r is None for r in served) < 55
 
     def cascade(screen: tuple[float, float]) -> list[str | None]:
-        g = CascadeGate(**{f.name: getattr(gate, f.name) for f in fields(Gate)},
-                        student=student, screen=screen)
+        g = CascadeGate.around(gate, student, screen)
         return [a.reason for a in g.assess(np.c_[features, terms], stats, attrs)]
 
     assert cascade((np.inf, 0.0)) == served  # clears nothing
