@@ -10,9 +10,7 @@ principal axes and a softmax) for the same batch, and, for a gate with a feature
 its own (ml/gate_features.py), that network on the classifier's same input batch (which it
 resizes itself), timed as served: Predictor.forward (classifier, then the network) less the
 classifier alone, in alternating rounds (the median difference, its range, and the network
-timed alone beside them). Behind a screen (ml/training/gate_screen.py), as served: the network
-on what the screen leaves of the batch, and the screen's network, with the share it cleared and
-the gate's cost without the screen timed beside it. A gate on the classifier's features pays nothing for them:
+timed alone beside them). A gate on the classifier's features pays nothing for them:
 they are the pooled output the classifier head reads anyway (compared too: the forward pass
 with and without the features output). Appends a table to docs/benchmarks.md (--no-record:
 prints it instead, for paired runs that should not each leave one).
@@ -24,7 +22,6 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -74,65 +71,42 @@ def main() -> None:
     images = [np.clip(np.asarray(Image.fromarray(d.pixels).resize((args.side, args.side)), np.float32), 0, 1)
               for d in decoded]
     gate = predictor.gate
-    # Behind a screen (ml/training/gate_screen.py) the network runs only on what it leaves: timed
-    # as served (the worker hands each image's statistics over), and without the screen beside it.
-    plain = replace(gate, screen=None)
     rows = []
     for n in args.batches:
         batch = predictor.preprocess(images[:n])
         attrs = [d.attributes for d in decoded[:n]]
         bare_s = timed(lambda b=batch: predictor.backend.run(b, explain=False), args.repeats)
+        features = predictor.forward(batch, explain=False).features  # the gate's, as served
         stats_s = timed(lambda n=n: [image_statistics(i) for i in images[:n]], args.repeats)
         stats = np.stack([image_statistics(i, a) for i, a in zip(images[:n], attrs, strict=True)])
-        features = gate.features(batch, stats) if gate.extractor is not None else None
-        cleared = (int(gate.cleared(gate.screen.network(batch), stats).sum())
-                   if gate.screen is not None else 0)
-
-        def served(b=batch, s=stats, g=gate):
-            predictor.gate = g
-            try:
-                return predictor.forward(b, explain=False, statistics=s)
-            finally:
-                predictor.gate = gate
-
         # Rounds, each timing the classifier alone and then as served (the classifier's run, then
         # the gate's network, on the same cores: two sessions' thread pools can take cores from
         # each other, which timing the network alone would hide). The network's cost is the
         # median of the rounds' differences; their spread says how far the figure can be trusted.
-        model_rounds, served_rounds, plain_rounds = [], [], []
+        model_rounds, served_rounds = [], []
         for _ in range(args.rounds):
             model_rounds.append(timed(lambda b=batch: predictor.backend.forward(b, explain=False),
                                       args.repeats))
             if gate.extractor is not None:
-                served_rounds.append(timed(served, args.repeats))
-            if gate.screen is not None:
-                plain_rounds.append(timed(lambda: served(g=plain), args.repeats))
+                served_rounds.append(timed(lambda b=batch: predictor.forward(b, explain=False),
+                                           args.repeats))
         model_s = statistics.median(model_rounds)
-
-        def cost(rounds, model_rounds=model_rounds):
-            diffs = sorted(s - m for s, m in zip(rounds, model_rounds, strict=True))
-            return statistics.median(diffs), (diffs[0], diffs[-1])
-
-        own_s, spread = cost(served_rounds) if served_rounds else (0.0, (0.0, 0.0))
-        plain_s = cost(plain_rounds)[0] if plain_rounds else own_s
-        alone_s = timed(lambda b=batch: gate.extractor(b), args.repeats) if gate.extractor else 0.0
-        if features is None:
-            features = predictor.forward(batch, explain=False).features
+        own_s, alone_s, spread = 0.0, 0.0, (0.0, 0.0)
+        if gate.extractor is not None:
+            diffs = sorted(s - m for s, m in zip(served_rounds, model_rounds, strict=True))
+            own_s, spread = statistics.median(diffs), (diffs[0], diffs[-1])
+            alone_s = timed(lambda b=batch: gate.extractor(b), args.repeats)
         assess_s = timed(lambda f=features, s=stats, a=attrs: gate.assess(f, s, a), args.repeats)
         gate_ms, model_ms = (stats_s + own_s + assess_s) * 1000 / n, model_s * 1000 / n
-        plain_ms = (stats_s + plain_s + assess_s) * 1000 / n
         rows.append((n, model_ms, bare_s * 1000 / n, stats_s * 1000 / n, own_s * 1000 / n,
                      spread[0] * 1000 / n, spread[1] * 1000 / n, alone_s * 1000 / n,
-                     assess_s * 1000 / n, gate_ms, gate_ms / model_ms, cleared,
-                     plain_ms / model_ms))
+                     assess_s * 1000 / n, gate_ms, gate_ms / model_ms))
     header = ("| batch | model ms/image (probability + features) | model ms/image (probability only) "
               "| image statistics ms | gate's own network ms, as served (rounds' range) "
-              "| the network alone ms | assess ms | gate ms/image | gate / model "
-              "| cleared by the screen | gate / model without the screen |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|")
+              "| the network alone ms | assess ms | gate ms/image | gate / model |\n"
+              "|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {n} | {m:.1f} | {b:.1f} | {s:.2f} | {o:.2f} ({lo:.2f} to {hi:.2f}) | {al:.2f} "
-             f"| {a:.3f} | {g:.2f} | {r:.1%} | {c} of {n} | {pr:.1%} |"
-             for n, m, b, s, o, lo, hi, al, a, g, r, c, pr in rows]
+             f"| {a:.3f} | {g:.2f} | {r:.1%} |" for n, m, b, s, o, lo, hi, al, a, g, r in rows]
     text = (f"\n## Input gate cost (bench/gate.py)\n\n{datetime.now(UTC):%Y-%m-%d}, "
             f"{Path(args.model_dir).resolve().name}, backend {predictor.backend.name}, "
             f"{predictor.gate.version}, lanes {args.lanes}, radiographs enlarged to {args.side} px, "

@@ -119,27 +119,6 @@ def gate_files(variant: str = "") -> tuple[str, str]:
                                                               f"gate.{variant}.npz")
 
 
-def logit(p: np.ndarray) -> np.ndarray:
-    """log(p / (1 - p)), clipped away from 0 and 1."""
-    p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
-    return np.log(p) - np.log1p(-p)
-
-
-@dataclass(frozen=True)
-class Screen:
-    """A small network in front of the gate's own (ml/training/gate_screen.py), distilled from it:
-    an image whose screen scores lie well inside what the gate answers (logit P(frontal) above
-    min_logit_frontal, distance at most max_distance; limits chosen on validation `margin`
-    logits clear of every non-radiograph) is answered without the gate's network; every other
-    image gets the gate's own verdict. It only ever spares the gate's network work: it never
-    abstains, and it never answers a blank image or one whose tags say otherwise."""
-
-    network: Any  # the classifier's batch -> (N, classes + 1) terms (ml.gate_features)
-    min_logit_frontal: float
-    max_distance: float
-    info: dict
-
-
 @dataclass(frozen=True)
 class Gate:
     """Fitted gate parameters; build with Gate.load(model_dir, meta)."""
@@ -167,8 +146,6 @@ class Gate:
     # "inverted" class (80 made negatives among thousands of images) also answers to framing
     # and source (docs/experiments/gate, seventh session).
     polarity: np.ndarray | None = None
-    # Its screen, or None: every image's verdict comes from the gate's network.
-    screen: Screen | None = None
 
     @property
     def reads_classifier(self) -> bool:
@@ -204,13 +181,11 @@ class Gate:
             polarity = arrays.get("polarity")
             if polarity is not None and polarity.shape != (len(STAT_NAMES) + 1,):
                 raise ValueError(f"its polarity model has shape {polarity.shape}")
-            extractor = screen = None
+            extractor = None
             if info.get("features") is not None:
                 from ml.gate_features import GateFeatures
 
                 extractor = GateFeatures.load(model_dir, info["features"], threads=threads)
-            if info.get("screen") is not None:
-                screen = _load_screen(model_dir, info, threads)
             thresholds = info["thresholds"]
             gate = cls(
                 version=str(info["version"]), classes=tuple(info["classes"]),
@@ -220,7 +195,7 @@ class Gate:
                 feature_mean=arrays["feature_mean"], components=arrays["components"],
                 component_scale=arrays["component_scale"], stat_mean=arrays["stat_mean"],
                 stat_scale=arrays["stat_scale"], weights=arrays["weights"], bias=arrays["bias"],
-                info=info, extractor=extractor, polarity=polarity, screen=screen,
+                info=info, extractor=extractor, polarity=polarity,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ArtifactError("invalid_model", f"input gate in {model_dir} is unusable: {exc}") from exc
@@ -251,83 +226,17 @@ class Gate:
         """Class probabilities (N, classes) and mean squared Mahalanobis distance (N,)."""
         z, s = self.inputs(features, stats)
         logits = np.concatenate([z, s], axis=1) @ self.weights.T + self.bias
-        return self._probabilities(logits, s), (z * z).mean(axis=1)
-
-    def terms_scores(self, terms: np.ndarray, stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """scores() from a screen's terms (N, classes + 1) in place of features: each class
-        logit's part from the features, then the log distance; the statistics' part is the
-        gate's own."""
-        s = self.standardised(stats)
-        k = self.components.shape[0]
-        terms = np.asarray(terms, np.float32)
-        logits = terms[:, :-1] + s @ self.weights[:, k:].T + self.bias
-        return self._probabilities(logits, s), np.exp(terms[:, -1])
-
-    def _probabilities(self, logits: np.ndarray, standardised: np.ndarray) -> np.ndarray:
-        log_odds = self.polarity_log_odds(standardised)
+        log_odds = self.polarity_log_odds(s)
         if log_odds is not None:  # it may clear an image of being a negative, never accuse one
             logits[:, self.classes.index("inverted")] += np.minimum(log_odds, 0.0)
         logits -= logits.max(axis=1, keepdims=True)
         probabilities = np.exp(logits)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
-        return probabilities
-
-    def cleared(self, terms: np.ndarray, stats: np.ndarray) -> np.ndarray:
-        """Per image, whether the screen answers it without the gate's network (never a blank
-        image; all False without a screen)."""
-        stats = np.asarray(stats, np.float32)
-        if self.screen is None:
-            return np.zeros(len(stats), bool)
-        p, d = self.terms_scores(terms, stats)
-        return ((logit(p[:, self.classes.index("frontal")]) > self.screen.min_logit_frontal)
-                & (d <= self.screen.max_distance)
-                & (stats[:, STAT_NAMES.index("std")] >= FLAT_STD))
-
-    def features(self, batch: np.ndarray, stats: np.ndarray | None = None) -> np.ndarray:
-        """What assess() reads for the classifier's preprocessed batch, from the gate's own
-        network (a gate that reads the classifier's features has none). Behind a screen: its
-        network's features followed by the screen's terms; given the images' statistics, the
-        network runs only on images the screen leaves (NaN rows for the rest), else on all."""
-        assert self.extractor is not None, "this gate reads the classifier's features"
-        if self.screen is None:
-            return self.extractor(batch)
-        terms = self.screen.network(batch)
-        todo = (np.ones(len(batch), bool) if stats is None
-                else ~self.cleared(terms, np.asarray(stats, np.float32)))
-        own = np.full((len(batch), self.feature_mean.shape[0]), np.nan, np.float32)
-        if todo.any():
-            own[todo] = self.extractor(batch[todo])
-        return np.concatenate([own, terms], axis=1)
+        return probabilities, (z * z).mean(axis=1)
 
     def assess(self, features: np.ndarray, stats: np.ndarray,
                attributes: Sequence[Mapping[str, Any] | None]) -> list[Assessment]:
-        """One Assessment per image; tags and blank images decide first, then the fitted model.
-        Behind a screen (features as features() gives them), what it clears is answered, with
-        the screen's scores; the rest get the fitted model's verdict on the network's features."""
-        stats = np.asarray(stats, np.float32)
-        if self.screen is None:
-            return self._assess(features, stats, attributes)
-        width = len(self.classes) + 1
-        own, terms = np.asarray(features)[:, :-width], np.asarray(features)[:, -width:]
-        cleared = self.cleared(terms, stats)
-        out: list[Assessment | None] = [None] * len(stats)
-        rest = np.flatnonzero(~cleared)
-        if len(rest):
-            if not np.isfinite(own[rest]).all():
-                raise ValueError("the gate's network did not run on images its screen leaves")
-            verdicts = self._assess(own[rest], stats[rest], [attributes[i] for i in rest])
-            for i, verdict in zip(rest, verdicts, strict=True):
-                out[i] = verdict
-        if cleared.any():
-            index = np.flatnonzero(cleared)
-            p, d = self.terms_scores(terms[index], stats[index])
-            frontal = self.classes.index("frontal")
-            for i, q, e in zip(index, p[:, frontal], d, strict=True):
-                out[i] = Assessment(tag_reason(attributes[i]), float(q), float(e), self.version)
-        return [a for a in out if a is not None]
-
-    def _assess(self, features: np.ndarray, stats: np.ndarray,
-                attributes: Sequence[Mapping[str, Any] | None]) -> list[Assessment]:
+        """One Assessment per image; tags and blank images decide first, then the fitted model."""
         probabilities, distances = self.scores(features, stats)
         frontal = self.classes.index("frontal")
         log_odds = self.polarity_log_odds(self.standardised(stats))
@@ -350,20 +259,3 @@ class Gate:
                 reason = "unrecognised"
             out.append(Assessment(reason, float(p[frontal]), float(d), self.version))
         return out
-
-
-def _load_screen(model_dir: str | Path, info: Mapping[str, Any], threads: int) -> Screen:
-    """The screen named in the gate's json: bound to the gate's arrays and its network."""
-    from ml.gate_features import ScreenNetwork
-
-    block = info["screen"]
-    if info.get("features") is None:
-        raise ValueError("a screen stands in front of a network of the gate's own; this gate "
-                         "reads the classifier's features")
-    if (block.get("gate_arrays_sha256") != info.get("arrays_sha256")
-            or block.get("gate_network_sha256") != info["features"].get("sha256")):
-        raise ValueError("its screen was distilled from another gate; fit the screen again with "
-                         f"python -m ml.training.gate_screen --model {model_dir}")
-    limits = block["limits"]
-    return Screen(ScreenNetwork.load(model_dir, block, threads=threads),
-                  float(limits["min_logit_frontal"]), float(limits["max_distance"]), dict(block))

@@ -25,8 +25,6 @@ from ml.artifact import ArtifactError, replaced_atomically, sha256_file
 SOURCE = "imagenet-efficientnet-lite0"
 FILE = "gate_features.onnx"
 DEFAULT_SIZE = 128
-SCREEN_SOURCE = "distilled-gate-screen"
-SCREEN_FILE = "gate_screen.onnx"
 
 
 def imagenet_backbone(size: int) -> Any:
@@ -78,55 +76,28 @@ class GateFeatures:
     @classmethod
     def load(cls, model_dir: str | Path, info: Mapping[str, Any], threads: int = 1) -> GateFeatures:
         """Raises ArtifactError when the file is missing or not the one the gate was fitted on."""
+        import onnxruntime as ort
+
         if info.get("source") != SOURCE:
             raise ArtifactError("invalid_model", f"unknown gate feature source {info.get('source')!r}")
-        return cls(_session(model_dir, info, FILE, "feature network", threads), info)
+        path = Path(model_dir) / str(info.get("file", FILE))
+        if not path.is_file():
+            raise ArtifactError("invalid_model", f"the input gate's feature network {path.name} "
+                                "is missing; refit the gate with python -m ml.training.gate")
+        if sha256_file(path) != info.get("sha256"):
+            raise ArtifactError("invalid_model", f"{path.name} does not match the sha256 the input "
+                                "gate was fitted with")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        # It runs right after the classifier's session, which has a thread pool of its own: left
+        # spinning after each run, this pool's threads took the cores from the classifier's next
+        # run (2 threads each, 2 cores: +41% at batch 8, +154% at batch 1; not spinning: +8%,
+        # +25%; docs/benchmarks.md, "Input gate cost"). One thread has no pool to spin.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return cls(session, info)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """(N, dimensions) features of the classifier's preprocessed input batch."""
         return self._session.run(None, {"image": np.asarray(batch, np.float32)})[0]
-
-
-class ScreenNetwork:
-    """The gate's screen (ml/training/gate_screen.py): a small network distilled from the gate's
-    own, which gives the gate's terms (each class logit's part from the features, then the log
-    distance) from the classifier's preprocessed batch."""
-
-    def __init__(self, session: Any, info: Mapping[str, Any]):
-        self._session = session
-        self.info = dict(info)
-
-    @classmethod
-    def load(cls, model_dir: str | Path, info: Mapping[str, Any],
-             threads: int = 1) -> ScreenNetwork:
-        """Raises ArtifactError when the file is missing or not the one the screen was fitted on."""
-        if info.get("source") != SCREEN_SOURCE:
-            raise ArtifactError("invalid_model", f"unknown gate screen source {info.get('source')!r}")
-        return cls(_session(model_dir, info, SCREEN_FILE, "screen network", threads), info)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """(N, classes + 1) terms of the classifier's preprocessed input batch."""
-        return self._session.run(["terms"], {"image": np.asarray(batch, np.float32)})[0]
-
-
-def _session(model_dir: str | Path, info: Mapping[str, Any], default: str, what: str,
-             threads: int) -> Any:
-    """An ONNX Runtime session for the gate's network file named in info, checked by sha256."""
-    import onnxruntime as ort
-
-    path = Path(model_dir) / str(info.get("file", default))
-    if not path.is_file():
-        raise ArtifactError("invalid_model", f"the input gate's {what} {path.name} is missing; "
-                            "refit the gate with python -m ml.training.gate")
-    if sha256_file(path) != info.get("sha256"):
-        raise ArtifactError("invalid_model", f"{path.name} does not match the sha256 the input "
-                            "gate was fitted with")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, threads)
-    options.inter_op_num_threads = 1
-    # It runs right after the classifier's session, which has a thread pool of its own: left
-    # spinning after each run, this pool's threads took the cores from the classifier's next
-    # run (2 threads each, 2 cores: +41% at batch 8, +154% at batch 1; not spinning: +8%,
-    # +25%; docs/benchmarks.md, "Input gate cost"). One thread has no pool to spin.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -175,27 +175,16 @@ class Predictor:
     ) -> list[Prediction]:
         """Classify an already preprocessed batch; images are the originals (for overlays and the gate)."""
         start = time.perf_counter()
-        statistics = None
-        if self.gate is not None and self.gate.screen is not None:  # it spares the gate's network
-            statistics = [self.statistics(i, a) for i, a in
-                          zip(images, attributes or [None] * len(images), strict=True)]
-        out = self.forward(batch, explain=explain, statistics=statistics)
+        out = self.forward(batch, explain=explain)
         per_image_ms = (time.perf_counter() - start) * 1000.0 / len(images)
-        return self.finish(out, images, per_image_ms, attributes, overlays=explain,
-                           statistics=statistics)
+        return self.finish(out, images, per_image_ms, attributes, overlays=explain)
 
-    def forward(self, batch: np.ndarray, explain: bool = False,
-                statistics: Sequence[np.ndarray | None] | np.ndarray | None = None) -> Outputs:
+    def forward(self, batch: np.ndarray, explain: bool = False) -> Outputs:
         """The backend's forward pass; for a gate with a network of its own (ml/gate_features.py)
-        its features replace the classifier's in the outputs, computed on the same batch.
-        statistics (statistics() of every image, or None): behind a screen, the gate's network
-        then runs only on the images the screen leaves (Gate.features)."""
+        its features replace the classifier's in the outputs, computed on the same batch."""
         out = self.backend.forward(batch, explain=explain)
         if self.gate is not None and self.gate.extractor is not None:
-            stats = None
-            if statistics is not None and all(st is not None for st in statistics):
-                stats = np.stack(list(statistics))
-            out = Outputs(out.probability, self.gate.features(batch, stats), out.cam)
+            out = Outputs(out.probability, self.gate.extractor(batch), out.cam)
         return out
 
     def statistics(self, image: np.ndarray,

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 class _Request:
     batch: np.ndarray
     explain: bool
-    statistics: np.ndarray | None = None  # the gate's, of every image: a screen may use them
     done: threading.Event = field(default_factory=threading.Event)
     result: Outputs | None = None
     inference_ms: float = 0.0
@@ -56,9 +55,7 @@ class Ticket:
         Heatmaps come back as normalised CAMs (Prediction.cam), not drawn: drawing them is
         left to whoever shows them (webapp/media/heatmaps.py).
         """
-        stats = (np.stack(list(statistics)) if statistics is not None
-                 and all(st is not None for st in statistics) else None)
-        request = _Request(batch, explain, stats)
+        request = _Request(batch, explain)
         self._batcher._enqueue(request, ticket=self)
         if not request.done.wait(timeout):
             raise TimeoutError("inference did not finish within the time limit")
@@ -140,11 +137,8 @@ class Batcher:
             try:
                 explain = any(r.explain for r in requests)
                 batch = np.concatenate([r.batch for r in requests])
-                stats = (np.concatenate([r.statistics for r in requests])
-                         if all(r.statistics is not None for r in requests) else None)
                 start = time.perf_counter()
-                # The gate's network too, on what its screen (if any) leaves.
-                out = self.predictor.forward(batch, explain=explain, statistics=stats)
+                out = self.predictor.forward(batch, explain=explain)  # the gate's network too
                 per_image_ms = (time.perf_counter() - start) * 1000.0 / len(batch)
                 first = 0
                 for r in requests:

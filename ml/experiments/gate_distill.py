@@ -38,34 +38,144 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ml.artifact import read_metadata, sha256_file
-from ml.gate import FLAT_STD, STAT_NAMES, Gate, Screen, image_statistics, logit
-from ml.preprocess import IMAGENET_BGR_MEAN, to_caffe
+from ml.gate import FLAT_STD, STAT_NAMES, Gate, image_statistics, tag_reason
+from ml.preprocess import IMAGENET_BGR_MEAN, preprocess_gray, to_caffe
 from ml.training.gate import (
     TRAIN_ONLY_SOURCES,
+    _engine,
+    _save_cache,
     fit_gate,
     gate_split,
     gate_splits,
     shipped_network,
 )
 from ml.training.gate_data import all_samples, cv_groups, inverted_pairs
-from ml.training.gate_screen import (  # the recipe the product serves, and its parts
-    decode_all,
-    mixes,
-    resized,
-    screen_limits,
-    student_model,
-    teacher,
-    variants,
-)
 
 AXES = 64
+
+
+def decode_all(samples: list, model_dir: Path, work: Path, batch: int = 32) -> dict[str, Any]:
+    """One decoding pass: the 224 px grey plane of every sample (float16, cached) and what
+    `ml.training.gate.extract` caches (classifier features, statistics, COVID probability)."""
+    cache = work / "inputs.npz"
+    if cache.is_file():
+        with np.load(cache) as npz:
+            return {k: npz[k] for k in npz.files}
+    meta = read_metadata(model_dir)
+    engine, _ = _engine(model_dir, "onnx")
+    grey = np.empty((len(samples), meta.input_size, meta.input_size), np.float16)
+    done: dict[str, tuple] = {}
+    start_t = time.perf_counter()
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        loaded = [s.load() for s in chunk]
+        planes = np.stack([preprocess_gray(p, meta.input_size, version=meta.preprocess_version)
+                           for p, _ in loaded])
+        grey[start:start + len(chunk)] = planes
+        out = engine.forward(to_caffe(planes), False)
+        for s, (pixels, attrs), f, p in zip(chunk, loaded, out.features, out.probability,
+                                            strict=True):
+            done[s.key] = (f, image_statistics(pixels, attrs), float(p))
+        if start // batch % 20 == 0:
+            print(f"decoded {start + len(chunk)} of {len(samples)} "
+                  f"({time.perf_counter() - start_t:.0f} s)", flush=True)
+    keys = np.array([s.key for s in samples])
+    stats = np.stack([done[k][1] for k in keys])
+    probability = np.array([done[k][2] for k in keys])
+    np.savez(cache, keys=keys, grey=grey, stats=stats, probability=probability)
+    _save_cache(work / "extract.npz", done)  # the format ml.training.gate.extract reads
+    return {"keys": keys, "grey": grey, "stats": stats, "probability": probability}
+
+
+def variant(plane: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random crop, flip, small rotation and tone change of a 224 px grey plane (0-255)."""
+    from PIL import Image
+
+    size = plane.shape[0]
+    image = Image.fromarray(plane.astype(np.float32), mode="F")
+    if rng.random() < 0.5:
+        image = image.rotate(float(rng.uniform(-12, 12)), resample=Image.Resampling.BILINEAR,
+                             fillcolor=float(np.median(plane[:8])))
+    side = rng.uniform(0.6, 1.0)
+    aspect = rng.uniform(0.85, 1.18)
+    w, h = int(size * min(1.0, side * aspect)), int(size * min(1.0, side / aspect))
+    x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+    image = image.crop((x, y, x + w, y + h)).resize((size, size), Image.Resampling.BILINEAR)
+    out = np.asarray(image, np.float32)
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    out = np.clip(out / 255.0, 0, 1) ** rng.uniform(0.75, 1.35)
+    out = out * rng.uniform(0.85, 1.1) + rng.uniform(-0.06, 0.06)
+    return np.clip(out * 255.0, 0, 255)
+
+
+def variants(grey: np.ndarray, index: np.ndarray, n: int,
+             rng: np.random.Generator) -> np.ndarray:
+    """n variants of each grey plane grey[index], as float16 (the caches' type)."""
+    return np.stack([variant(grey[i].astype(np.float32), rng)
+                     for i in np.repeat(index, n)]).astype(np.float16)
+
+
+def mixes(grey: np.ndarray, index: np.ndarray, partners: np.ndarray, n: int,
+          rng: np.random.Generator) -> np.ndarray:
+    """n convex mixtures l * a + (1 - l) * b of grey planes, a from index and b from partners
+    (l uniform): inputs between kinds, where the teacher's answer is what the student must learn
+    and a few dozen lateral films give it few examples (function matching with mixup, Beyer et
+    al. 2022, "Knowledge distillation: a good teacher is patient and consistent")."""
+    a = grey[rng.choice(index, n)].astype(np.float32)
+    b = grey[rng.choice(partners, n)].astype(np.float32)
+    mix = rng.uniform(0.0, 1.0, (n, 1, 1)).astype(np.float32)
+    return (mix * a + (1.0 - mix) * b).astype(np.float16)
+
+
+def teacher(network: Any, grey: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The served network's features of grey planes (as the classifier's caffe batch)."""
+    return np.concatenate([network(to_caffe(grey[i:i + batch].astype(np.float32)))
+                           for i in range(0, len(grey), batch)])
+
+
+def student_model(size: int, width: int) -> Any:
+    """A plain stack of 3 x 3 convolutions (ONNX Runtime runs them as GEMMs, unlike Lite0's
+    depthwise ones), pooled by mean and max, to two outputs: `axes` (AXES whitened coordinates)
+    and `gate` (the six class logits' parts from them and the log distance)."""
+    import keras
+    from keras import layers
+
+    def conv(x: Any, filters: int, stride: int = 1, kernel: int = 3) -> Any:
+        x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False)(x)
+        return layers.ReLU()(layers.BatchNormalization()(x))
+
+    inputs = keras.Input((size, size, 1), name="grey")
+    x = conv(layers.Rescaling(2.0, offset=-1.0)(inputs), width, 2)
+    x = conv(x, 2 * width, 2)
+    x = conv(x, 2 * width)
+    x = conv(x, 4 * width, 2)
+    x = conv(x, 4 * width)
+    x = conv(x, 8 * width, 2)
+    x = conv(x, 8 * width)
+    x = conv(x, 16 * width, kernel=1)
+    x = layers.Concatenate()([layers.GlobalAveragePooling2D()(x), layers.GlobalMaxPooling2D()(x)])
+    x = layers.Dense(256, activation="relu")(x)
+    outputs = {"axes": layers.Dense(AXES, name="axes")(x), "gate": layers.Dense(7, name="gate")(x)}
+    return keras.Model(inputs, outputs, name="gate_student")
+
+
+def resized(grey: np.ndarray, size: int, batch: int = 512) -> np.ndarray:
+    """grey/255 resized as the exported network does it (tf.image.resize, bilinear)."""
+    import tensorflow as tf
+
+    out = np.empty((len(grey), size, size, 1), np.float16)
+    for i in range(0, len(grey), batch):
+        x = tf.convert_to_tensor(grey[i:i + batch, ..., None].astype(np.float32) / 255.0)
+        out[i:i + batch] = tf.image.resize(x, (size, size), method="bilinear").numpy()
+    return out
 
 
 def export_student(model: Any, model_dir: Path, source_size: int, size: int) -> dict[str, Any]:
@@ -204,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.stage in ("all", "train") or not keras_path.is_file():
         keras.utils.set_random_seed(0)
-        model = student_model(args.size, args.width, AXES, 7)
+        model = student_model(args.size, args.width)
         steps = args.epochs * int(np.ceil(len(x_train) / 64))
         schedule = keras.optimizers.schedules.CosineDecay(2e-3, steps, alpha=0.02)
         weights = {"axes": 1.0, "gate": 0.0} if args.target == "axes" else {"axes": 0.2, "gate": 1.0}
@@ -313,14 +423,69 @@ class StudentGate(Gate):
     every class logit and the log distance (7 values), the statistics' part is computed."""
 
     def scores(self, features: np.ndarray, stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.terms_scores(features, stats)
+        s = self.standardised(stats)
+        logits = features[:, :6] + s @ self.weights[:, AXES:].T + self.bias
+        log_odds = self.polarity_log_odds(s)
+        if log_odds is not None:
+            logits[:, self.classes.index("inverted")] += np.minimum(log_odds, 0.0)
+        logits -= logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(logits)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return probabilities, np.exp(features[:, 6])
 
 
-def cascade(served: Gate, limits: tuple[float, float]) -> Gate:
-    """The served gate behind a screen with these limits (logit P(frontal) above, distance at
-    most), as ml/gate.py serves it: its features are the teacher's followed by the student's
-    seven terms; what the screen clears is answered, the rest gets the served gate's verdict."""
-    return replace(served, screen=Screen(None, limits[0], limits[1], {}))
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def screen_limits(p: np.ndarray, d: np.ndarray, frontal: np.ndarray,
+                  margin: float) -> tuple[float, float, float]:
+    """The screen's limits from validation scores: (minimum logit P(frontal), maximum distance,
+    share of radiographs cleared). Every non-radiograph must fall outside, `margin` logits short
+    of the limit (an image is cleared above it); of all such pairs, the one that clears the most
+    radiographs."""
+    lp = logit(p)
+    best = (np.inf, 0.0, 0.0)
+    for d_max in np.quantile(d[frontal], np.linspace(0.05, 1.0, 96)):
+        inside = ~frontal & (d <= d_max)
+        p_min = (lp[inside].max() + margin) if inside.any() else -np.inf
+        cleared = float(np.mean((lp[frontal] > p_min) & (d[frontal] <= d_max)))
+        if cleared > best[2]:
+            best = (float(p_min), float(d_max), cleared)
+    return best
+
+
+@dataclass(frozen=True)
+class CascadeGate(Gate):
+    """The served gate behind a screen: an image whose student scores (StudentGate) lie inside
+    the screen's limits is answered without the served network; every other image gets the
+    served gate's verdict. Tags and blank images decide first, as always. Its features are the
+    teacher's features followed by the student's seven terms."""
+
+    student: StudentGate | None = None
+    screen: tuple[float, float] = (np.inf, 0.0)  # logit P(frontal) above, distance at most
+
+    @classmethod
+    def around(cls, served: Gate, student: StudentGate,
+               screen: tuple[float, float]) -> CascadeGate:
+        return cls(**{f.name: getattr(served, f.name) for f in fields(Gate)}, student=student,
+                   screen=screen)
+
+    def cleared(self, terms: np.ndarray, stats: np.ndarray) -> np.ndarray:
+        """Which images the screen answers without the served network (never a blank one)."""
+        assert self.student is not None
+        p, d = self.student.scores(terms, stats)
+        return ((logit(p[:, self.classes.index("frontal")]) > self.screen[0])
+                & (d <= self.screen[1]) & (stats[:, STAT_NAMES.index("std")] >= FLAT_STD))
+
+    def assess(self, features: np.ndarray, stats: np.ndarray,
+               attributes: Any) -> list:
+        teacher, terms = features[:, :-7], features[:, -7:]
+        cleared = self.cleared(terms, stats)
+        served = Gate.assess(self, teacher, stats, attributes)
+        return [replace(a, reason=None) if c and tag_reason(at) is None else a
+                for a, c, at in zip(served, cleared, attributes, strict=True)]
 
 
 def screen_report(report: Path, shipped: Gate, student_gate: StudentGate, samples: list,
@@ -345,7 +510,8 @@ def screen_report(report: Path, shipped: Gate, student_gate: StudentGate, sample
                   f"screen of the student: logit P(frontal) > {p_min:.3f} and distance <= "
                   f"{d_max:.3f}, chosen on validation {margin:g} logits clear of every "
                   "non-radiograph")
-        gate = replace(cascade(shipped, (p_min, d_max)), version=f"cascade-margin{margin:g}",
+        gate = replace(CascadeGate.around(shipped, student_gate, (p_min, d_max)),
+                       version=f"cascade-margin{margin:g}",
                        info={**shipped.info, "thresholds": {**served, "chosen_on": chosen}})
         cleared = gate.cleared(terms, data["stats"])
         test = splits == "test"
@@ -408,12 +574,13 @@ def novel_report(report: Path, shipped: Gate, student_gate: StudentGate, network
                                                                         [None] * len(made))])
         entry = {"images": len(made), "served_gate_abstained": int(served.sum())}
         for margin, screen in screens.items():
-            gate = cascade(shipped, (screen["min_logit_p_frontal"], screen["max_distance"]))
-            abstained = np.array([a.reason is not None for a in gate.assess(
+            gate = CascadeGate.around(shipped, student_gate, (screen["min_logit_p_frontal"],
+                                                              screen["max_distance"]))
+            cascade = np.array([a.reason is not None for a in gate.assess(
                 np.c_[features, terms], stats, [None] * len(made))])
-            entry[f"cascade {margin}: abstained"] = int(abstained.sum())
+            entry[f"cascade {margin}: abstained"] = int(cascade.sum())
             entry[f"cascade {margin}: answered where the served gate abstains"] = int(
-                (served & ~abstained).sum())
+                (served & ~cascade).sum())
         out[name] = entry
         print(f"novel {name}: {json.dumps(entry)}", flush=True)
     (report / "novel.json").write_text(json.dumps(out, indent=1) + "\n")

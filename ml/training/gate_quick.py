@@ -45,8 +45,11 @@ def _ood(ood_dir: Path) -> list[Sample]:
             for r in rows]
 
 
-def quick_samples(cxr_dir: Path, ood_dir: Path, fixtures: list[Path] | None = None) -> list[Sample]:
-    """The small fitting set: radiographs of every label and source, all of ood, a few of the rest."""
+def fit_quick_gate(model_dir: Path, cxr_dir: Path, ood_dir: Path, fixtures: list[Path] | None = None,
+                   backend: str = "keras", own_features_size: int | None = None) -> None:
+    """Fit and write gate.json + gate.npz from a small set (features cached beside model_dir);
+    backend onnx-int8: the int8 variant's own gate (gate.int8.json + gate.int8.npz);
+    own_features_size: the gate reads a network of its own (ml.gate_features) at that input size."""
     synthetic = [Sample(f"{kind}:{s}", kind, "train", "synthetic", kind, lambda s=s, make=make: make(s))
                  for kind, make in (("noise", _noise), ("flat", _flat), ("document", _document))
                  for s in range(12)]
@@ -54,15 +57,7 @@ def quick_samples(cxr_dir: Path, ood_dir: Path, fixtures: list[Path] | None = No
     frontal = _frontal(cxr_dir, 40, fixtures or [])
     derived = (_derived("inverted", frontal, 10, 1, lambda x, _: 1.0 - x)
                + _derived("poor_exposure", frontal, 10, 2, _badly_exposed))
-    return frontal + _ood(ood_dir) + synthetic + photos + derived
-
-
-def fit_quick_gate(model_dir: Path, cxr_dir: Path, ood_dir: Path, fixtures: list[Path] | None = None,
-                   backend: str = "keras", own_features_size: int | None = None) -> None:
-    """Fit and write gate.json + gate.npz from a small set (features cached beside model_dir);
-    backend onnx-int8: the int8 variant's own gate (gate.int8.json + gate.int8.npz);
-    own_features_size: the gate reads a network of its own (ml.gate_features) at that input size."""
-    samples = quick_samples(cxr_dir, ood_dir, fixtures)
+    samples = frontal + _ood(ood_dir) + synthetic + photos + derived
     variant = INT8_VARIANT if backend == "onnx-int8" else ""
     cache = Path(model_dir).parent / f".{Path(model_dir).name}-gate-features{'-' + variant if variant else ''}.npz"
     data = extract(samples, Path(model_dir), cache, backend=backend)
@@ -76,18 +71,3 @@ def fit_quick_gate(model_dir: Path, cxr_dir: Path, ood_dir: Path, fixtures: list
     info = json.loads(info_path.read_text())
     info["summary"]["quick"] = "small fitting set: for development and test models only"
     info_path.write_text(json.dumps(info, indent=2) + "\n")
-
-
-def fit_quick_screen(model_dir: Path, cxr_dir: Path, ood_dir: Path, work: Path,
-                     fixtures: list[Path] | None = None, backend: str = "keras",
-                     size: int = 32, margin: float = 2.0) -> dict:
-    """A screen for a quick gate with a network of its own (ml.training.gate_screen), trained
-    for seconds on the small set: a quarter of the radiographs and a third of the rest choose
-    its limits. For development and test models only."""
-    from ml.training.gate_screen import fit_screen
-
-    samples = quick_samples(cxr_dir, ood_dir, fixtures)
-    splits = ["val" if s.split == "val" or (s.kind != "frontal" and i % 3 == 2) else "train"
-              for i, s in enumerate(samples)]
-    return fit_screen(Path(model_dir), Path(work), samples, splits, margin=margin, size=size,
-                      width=4, epochs=3, n_variants=1, ood_variants=2, mixup=64, backend=backend)

@@ -6,10 +6,18 @@ from dataclasses import fields
 
 import numpy as np
 
-from ml.experiments.gate_distill import AXES, StudentGate, cascade, novel_inputs
-from ml.gate import STAT_NAMES, Gate, logit
+from ml.experiments.gate_distill import (
+    AXES,
+    CascadeGate,
+    StudentGate,
+    logit,
+    mixes,
+    novel_inputs,
+    screen_limits,
+    variant,
+)
+from ml.gate import STAT_NAMES, Gate
 from ml.training.gate import CLASSES, fit_arrays, make_gate
-from ml.training.gate_screen import mixes, screen_limits, variant
 
 
 def _gate(rng: np.random.Generator) -> Gate:
@@ -91,17 +99,18 @@ def test_the_cascade_answers_what_the_screen_clears_and_otherwise_is_the_served_
     stats[0, STAT_NAMES.index("std")] = 0.0  # a flat image: never cleared
     z = gate.inputs(features, stats)[0]
     terms = np.c_[z @ gate.weights[:, :AXES].T, np.log((z * z).mean(axis=1))]
+    student = StudentGate(**{f.name: getattr(gate, f.name) for f in fields(Gate)})
     attrs = [None] * 60
     attrs[1] = {"Modality": "CT"}  # tags decide first
     served = [a.reason for a in gate.assess(features, stats, attrs)]
     assert sum(r is None for r in served) < 55
 
-    def verdicts(screen: tuple[float, float]) -> list[str | None]:
-        g = cascade(gate, screen)
+    def cascade(screen: tuple[float, float]) -> list[str | None]:
+        g = CascadeGate.around(gate, student, screen)
         return [a.reason for a in g.assess(np.c_[features, terms], stats, attrs)]
 
-    assert verdicts((np.inf, 0.0)) == served  # clears nothing
-    everything = verdicts((-np.inf, np.inf))
+    assert cascade((np.inf, 0.0)) == served  # clears nothing
+    everything = cascade((-np.inf, np.inf))
     assert everything[0] == "poor_quality" and everything[1] == served[1] is not None
     assert all(r is None for r in everything[2:])
 
